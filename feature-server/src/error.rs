@@ -30,6 +30,12 @@ pub enum Error {
     QueueFull { capacity: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A bug or a panic caught at a boundary (a batch, a decode task): the item fails, the
+    /// server goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     // --- weights and model ------------------------------------------------------------------
     #[error("weights {path}: {message}")]
@@ -60,6 +66,8 @@ impl Error {
             | Error::Decode(_) => Code::InvalidArgument,
             Error::QueueFull { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
+            Error::Config(_) => Code::InvalidArgument,
+            Error::Internal(_) => Code::Internal,
             Error::Weights { .. }
             | Error::Fetch(_)
             | Error::Model(_)
