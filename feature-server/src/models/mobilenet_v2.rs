@@ -1,0 +1,181 @@
+//! MobileNetV2 (Sandler et al. 2018) features as torchvision builds them (width 1.0), with
+//! torchvision's parameter names: `features.0.{0,1}` (stem), `features.1.conv.{0.0,0.1,1,2}`,
+//! `features.N.conv.{0.0,0.1,1.0,1.1,2,3}` for N in 2..=17, `features.18.{0,1}`. ReLU6
+//! activations; depthwise convolutions have groups = channels. The classifier is not built:
+//! the embedding is the global average pool of `features(x)`, 1280-d.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::fold::{ConvBn, ConvSpec};
+
+pub const DIM: usize = 1280;
+/// torchvision's inverted-residual settings: expansion t, channels c, repeats n, stride s.
+const SETTINGS: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+];
+const STEM: usize = 32;
+
+fn relu6(x: &Tensor) -> Result<Tensor> {
+    x.clamp(0f32, 6f32)
+}
+
+/// One inverted-residual block: [expand 1x1 + ReLU6] -> depthwise 3x3 + ReLU6 -> project 1x1.
+struct InvertedResidual {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    project: ConvBn,
+    residual: bool,
+}
+
+/// The block's layers, each with the (conv, bn) names torchvision uses for it.
+fn block_layers(
+    c_in: usize,
+    c_out: usize,
+    t: usize,
+    stride: usize,
+) -> Vec<(ConvSpec, &'static str, &'static str)> {
+    let hidden = c_in * t;
+    if t == 1 {
+        vec![
+            (ConvSpec::depthwise(hidden, stride), "conv.0.0", "conv.0.1"),
+            (ConvSpec::new(hidden, c_out, 1, 1), "conv.1", "conv.2"),
+        ]
+    } else {
+        vec![
+            (ConvSpec::new(c_in, hidden, 1, 1), "conv.0.0", "conv.0.1"),
+            (ConvSpec::depthwise(hidden, stride), "conv.1.0", "conv.1.1"),
+            (ConvSpec::new(hidden, c_out, 1, 1), "conv.2", "conv.3"),
+        ]
+    }
+}
+
+impl InvertedResidual {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        t: usize,
+        stride: usize,
+        vb: VarBuilder,
+        fold: bool,
+    ) -> Result<Self> {
+        let mut layers = block_layers(c_in, c_out, t, stride)
+            .into_iter()
+            .map(|(spec, conv, bn)| ConvBn::new(spec, vb.pp(conv), vb.pp(bn), fold))
+            .collect::<Result<Vec<_>>>()?;
+        let project = layers
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("empty block".into()))?;
+        let depthwise = layers
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("empty block".into()))?;
+        Ok(Self {
+            expand: layers.pop(),
+            depthwise,
+            project,
+            residual: stride == 1 && c_in == c_out,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.expand {
+            Some(e) => relu6(&e.forward(x)?)?,
+            None => x.clone(),
+        };
+        let y = self
+            .project
+            .forward(&relu6(&self.depthwise.forward(&h)?)?)?;
+        if self.residual { y + x } else { Ok(y) }
+    }
+}
+
+pub struct MobileNetV2 {
+    stem: ConvBn,
+    blocks: Vec<InvertedResidual>,
+    head: ConvBn,
+}
+
+/// (c_in, c_out, t, stride) of features.1..=17, in order.
+fn blocks() -> Vec<(usize, usize, usize, usize)> {
+    let mut out = Vec::new();
+    let mut c_in = STEM;
+    for (t, c, n, s) in SETTINGS {
+        for i in 0..n {
+            out.push((c_in, c, t, if i == 0 { s } else { 1 }));
+            c_in = c;
+        }
+    }
+    out
+}
+
+impl MobileNetV2 {
+    /// Builds the network with batch-norm folded into the convolutions.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        Self::new_with(vb, true)
+    }
+
+    pub fn new_with(vb: VarBuilder, fold: bool) -> Result<Self> {
+        let f = vb.pp("features");
+        let stem = ConvBn::new(ConvSpec::new(3, STEM, 3, 2), f.pp("0.0"), f.pp("0.1"), fold)?;
+        let blocks = blocks()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ci, co, t, s))| InvertedResidual::new(ci, co, t, s, f.pp(i + 1), fold))
+            .collect::<Result<Vec<_>>>()?;
+        let head = ConvBn::new(
+            ConvSpec::new(320, DIM, 1, 1),
+            f.pp("18.0"),
+            f.pp("18.1"),
+            fold,
+        )?;
+        Ok(Self { stem, blocks, head })
+    }
+
+    /// `[N, 3, 224, 224]` -> `[N, 1280]`: global average pool of `features(x)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = relu6(&self.stem.forward(x)?)?;
+        for b in &self.blocks {
+            x = b.forward(&x)?;
+        }
+        relu6(&self.head.forward(&x)?)?.mean((2, 3))
+    }
+}
+
+/// torchvision's `mobilenet_v2().features` state-dict names and shapes (prefixed `features.`),
+/// minus `num_batches_tracked`.
+pub fn state_dict_shapes() -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    let mut conv_bn = |conv: String, bn: String, spec: ConvSpec| {
+        let (o, i, k, _) = spec.weight_shape();
+        out.push((format!("{conv}.weight"), vec![o, i, k, k]));
+        for p in ["weight", "bias", "running_mean", "running_var"] {
+            out.push((format!("{bn}.{p}"), vec![o]));
+        }
+    };
+    conv_bn(
+        "features.0.0".into(),
+        "features.0.1".into(),
+        ConvSpec::new(3, STEM, 3, 2),
+    );
+    for (i, (ci, co, t, s)) in blocks().into_iter().enumerate() {
+        for (spec, conv, bn) in block_layers(ci, co, t, s) {
+            conv_bn(
+                format!("features.{}.{conv}", i + 1),
+                format!("features.{}.{bn}", i + 1),
+                spec,
+            );
+        }
+    }
+    conv_bn(
+        "features.18.0".into(),
+        "features.18.1".into(),
+        ConvSpec::new(320, DIM, 1, 1),
+    );
+    out
+}
