@@ -1,1 +1,237 @@
-//! (being written)
+//! The feature-server's configuration.
+//!
+//! [`Config`] is a plain struct with public fields and a [`Default`], so tests and benches build
+//! one in code without clap reading the environment. [`Args`] is its command-line face (clap
+//! derive, every flag also read from a `TAXON_*` variable); `main` turns one into the other.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::models::BackboneKind;
+use crate::preprocess::Limits;
+
+/// Everything the server needs besides its listener.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub backbone: BackboneKind,
+    /// A .safetensors, .pth or legacy .pt file with torchvision parameter names.
+    pub weights: PathBuf,
+    pub device: DeviceChoice,
+    /// Most items in one forward pass.
+    pub max_batch: usize,
+    /// How long the first item of a batch waits for company before the batch runs anyway.
+    pub max_wait: Duration,
+    /// Items admitted but not yet taken by the engine (being decoded or waiting in the queue),
+    /// over all streams. When it is full, new streams get RESOURCE_EXHAUSTED and existing
+    /// streams wait.
+    pub queue_capacity: usize,
+    /// Items one stream may have in flight; past it the server stops reading that stream, and
+    /// HTTP/2 flow control makes the client wait.
+    pub max_inflight_per_stream: usize,
+    /// Per-image limits, checked before decoding.
+    pub limits: Limits,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Images decoded and preprocessed at once (on tokio's blocking pool).
+    pub decode_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            backbone: BackboneKind::Resnet18,
+            weights: PathBuf::from("weights/resnet18.safetensors"),
+            device: DeviceChoice::Cpu,
+            max_batch: 32,
+            max_wait: Duration::from_millis(5),
+            queue_capacity: 128,
+            max_inflight_per_stream: 64,
+            limits: Limits::default(),
+            max_message_bytes: default_max_message_bytes(),
+            decode_threads: default_decode_threads(),
+        }
+    }
+}
+
+impl Config {
+    /// Rejects settings that would make the server useless (a zero-sized batch or queue).
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("--max-batch", self.max_batch),
+            ("--queue-capacity", self.queue_capacity),
+            ("--max-inflight-per-stream", self.max_inflight_per_stream),
+            ("--decode-threads", self.decode_threads),
+            ("--max-message-bytes", self.max_message_bytes),
+            ("--max-image-bytes", self.limits.max_bytes),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("{flag} must be at least 1")));
+            }
+        }
+        if self.limits.max_pixels == 0 {
+            return Err(Error::Config(
+                "--max-image-pixels must be at least 1".into(),
+            ));
+        }
+        #[cfg(not(feature = "cuda"))]
+        if let DeviceChoice::Cuda(_) = self.device {
+            return Err(Error::Device(
+                self.device.to_string(),
+                crate::engine::NO_CUDA.into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// 32 MiB: room for the default 20 MiB image limit plus the message framing, so an oversized
+/// image is a clear per-item error rather than a whole-stream transport error.
+fn default_max_message_bytes() -> usize {
+    32 * 1024 * 1024
+}
+
+/// One decoder per core: decoding is CPU-bound, more threads only add memory.
+fn default_decode_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    /// A CUDA ordinal; needs the `cuda` cargo feature.
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {other:?} (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+/// The serve flags, as clap sees them. `weights` is optional here only so that the
+/// `fetch-weights` subcommand parses without it; [`Args::into_config`] requires it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TAXON_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// The backbone architecture of the weights file.
+    #[arg(long, env = "TAXON_BACKBONE", default_value = "resnet18",
+          value_parser = ["resnet18", "mobilenet_v2"])]
+    pub backbone: String,
+    /// Weights file (.safetensors, .pth or legacy .pt) with torchvision parameter names.
+    #[arg(long, env = "TAXON_WEIGHTS", required = true)]
+    pub weights: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, env = "TAXON_DEVICE", default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Most items in one forward pass.
+    #[arg(long, env = "TAXON_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+    /// Milliseconds the first item of a batch waits for more.
+    #[arg(long, env = "TAXON_MAX_WAIT_MS", default_value_t = 5)]
+    pub max_wait_ms: u64,
+    /// Items admitted but not yet batched, over all streams; when full, new streams get
+    /// RESOURCE_EXHAUSTED and existing streams wait.
+    #[arg(long, env = "TAXON_QUEUE_CAPACITY", default_value_t = 128)]
+    pub queue_capacity: usize,
+    /// Items one stream may have in flight before the server stops reading it.
+    #[arg(long, env = "TAXON_MAX_INFLIGHT_PER_STREAM", default_value_t = 64)]
+    pub max_inflight_per_stream: usize,
+    /// Largest encoded image, in bytes.
+    #[arg(long, env = "TAXON_MAX_IMAGE_BYTES", default_value_t = Limits::default().max_bytes)]
+    pub max_image_bytes: usize,
+    /// Largest image in pixels (width x height from the header), checked before decoding.
+    #[arg(long, env = "TAXON_MAX_IMAGE_PIXELS", default_value_t = Limits::default().max_pixels)]
+    pub max_image_pixels: u64,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "TAXON_MAX_MESSAGE_BYTES", default_value_t = default_max_message_bytes())]
+    pub max_message_bytes: usize,
+    /// Images decoded at once.
+    #[arg(long, env = "TAXON_DECODE_THREADS", default_value_t = default_decode_threads())]
+    pub decode_threads: usize,
+}
+
+impl Args {
+    /// The listen address and the [`Config`], or an error naming the missing or bad flag.
+    pub fn into_config(self) -> Result<(SocketAddr, Config)> {
+        let backbone = self
+            .backbone
+            .parse::<BackboneKind>()
+            .map_err(Error::Config)?;
+        let weights = self
+            .weights
+            .ok_or_else(|| Error::Config("--weights (or TAXON_WEIGHTS) is required".into()))?;
+        let config = Config {
+            backbone,
+            weights,
+            device: self.device,
+            max_batch: self.max_batch,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            queue_capacity: self.queue_capacity,
+            max_inflight_per_stream: self.max_inflight_per_stream,
+            limits: Limits {
+                max_bytes: self.max_image_bytes,
+                max_pixels: self.max_image_pixels,
+            },
+            max_message_bytes: self.max_message_bytes,
+            decode_threads: self.decode_threads,
+        };
+        config.validate()?;
+        Ok((self.listen, config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_parses() {
+        assert_eq!("cpu".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("CUDA:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(1)));
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn default_is_valid_and_zero_is_not() {
+        assert!(Config::default().validate().is_ok());
+        let bad = Config {
+            max_batch: 0,
+            ..Config::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-batch")
+        );
+    }
+}

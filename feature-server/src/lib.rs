@@ -20,5 +20,6 @@ pub mod server;
 pub mod service;
 pub mod weights;
 
+pub use config::Config;
 pub use error::Error;
-// `pub use config::Config; pub use server::run;` once those land.
+pub use server::{Server, run};

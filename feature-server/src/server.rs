@@ -1,1 +1,136 @@
-//! (being written)
+//! `run(listener, config, shutdown)`: the whole server on a listener the caller bound, so tests
+//! run it in-process on 127.0.0.1:0 (mini-redis style) and `main` only adds flags and signals.
+//!
+//! Order of events: the engine thread starts loading at once and health answers NOT_SERVING;
+//! after the warm-up batch, health turns SERVING for `taxon.v1.Features` and `""`. When
+//! `shutdown` resolves: health turns NOT_SERVING, no new connections or streams are accepted,
+//! open streams stop reading and answer the items they hold, the engine drains its queue, and
+//! `run` returns.
+
+use std::future::Future;
+
+use taxon_proto::v1::features_server::FeaturesServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::service::FeaturesService;
+
+/// The gRPC service name health reports on.
+pub const SERVICE_NAME: &str = "taxon.v1.Features";
+
+/// Runs the server on `listener` until `shutdown` resolves and in-flight work is done.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    Server::new(config)?.serve(listener, shutdown).await
+}
+
+/// A server whose engine is already starting; [`Server::engine`] lets tests watch or pause it
+/// before [`Server::serve`].
+pub struct Server {
+    config: Config,
+    engine: Engine,
+}
+
+impl Server {
+    /// Validates the config and starts the engine thread (loading happens there).
+    pub fn new(config: Config) -> Result<Self> {
+        let engine = Engine::spawn(&config)?;
+        Ok(Self { config, engine })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully. Fails if the engine cannot
+    /// load its weights or warm up.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let Server { config, engine } = self;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, ?config, "feature-server starting");
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        set_health(&reporter, ServingStatus::NotServing).await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(taxon_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+
+        let stop = CancellationToken::new();
+        let features = FeaturesServer::new(FeaturesService::new(
+            engine.clone(),
+            config.clone(),
+            stop.clone(),
+        ))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+        // Small messages both ways: Nagle's algorithm would add tens of milliseconds per item.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let serving = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(features)
+            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        tokio::pin!(serving);
+        tokio::pin!(shutdown);
+
+        let (mut warmed, mut stopping) = (false, false);
+        let served = loop {
+            tokio::select! {
+                served = &mut serving => break served,
+                ready = engine.ready(), if !warmed => {
+                    warmed = true;
+                    match ready {
+                        Ok(_) => {
+                            set_health(&reporter, ServingStatus::Serving).await;
+                            tracing::info!(%addr, "serving");
+                        }
+                        Err(_) => {
+                            stop.cancel();
+                            let _ = (&mut serving).await;
+                            // The thread's own error says what went wrong (weights, device).
+                            engine.join().await?;
+                            return Err(Error::Internal("engine failed to start".into()));
+                        }
+                    }
+                }
+                () = &mut shutdown, if !stopping => {
+                    stopping = true;
+                    tracing::info!("shutdown requested: finishing in-flight items");
+                    set_health(&reporter, ServingStatus::NotServing).await;
+                    stop.cancel();
+                }
+            }
+        };
+        stop.cancel();
+        engine.join().await?;
+        tracing::info!("feature-server stopped");
+        served.map_err(Error::from)
+    }
+}
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status(SERVICE_NAME, status).await;
+    reporter.set_service_status("", status).await;
+}

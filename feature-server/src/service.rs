@@ -1,1 +1,248 @@
-//! (being written)
+//! The `taxon.v1.Features` gRPC service: streams of images in, per-item results out.
+//!
+//! Each `Embed` stream is driven by one task that reads requests while the stream has fewer
+//! than `max_inflight_per_stream` items in flight (so a fast client waits on HTTP/2 flow
+//! control instead of the server buffering it), runs each item through the [`Engine`], and
+//! writes results as they finish, in any order. A bad item becomes an `ItemError`; only the
+//! transport (a message over the size limit), the deadline or a shutdown end a stream early,
+//! and even then the items already read are answered first (except past the deadline, when no
+//! one is listening any more).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use taxon_proto::v1::features_server::Features;
+use taxon_proto::v1::{
+    EmbedRequest, EmbedResponse, Embedding, InfoRequest, ItemError, ModelInfo, embed_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::engine::{Engine, ModelMeta};
+use crate::error::Error;
+
+/// The service state shared by every call.
+pub struct FeaturesService {
+    engine: Engine,
+    config: Config,
+    shutdown: CancellationToken,
+    streams: AtomicU64,
+}
+
+impl FeaturesService {
+    /// `shutdown` makes open streams stop reading, answer what they have, and end.
+    pub fn new(engine: Engine, config: Config, shutdown: CancellationToken) -> Self {
+        Self {
+            engine,
+            config,
+            shutdown,
+            streams: AtomicU64::new(0),
+        }
+    }
+
+    async fn meta(&self) -> Result<Arc<ModelMeta>, Status> {
+        self.engine.ready().await.map_err(Status::from)
+    }
+}
+
+type EmbedStream = Pin<Box<dyn futures::Stream<Item = Result<EmbedResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Features for FeaturesService {
+    type EmbedStream = EmbedStream;
+
+    async fn embed(
+        &self,
+        request: Request<Streaming<EmbedRequest>>,
+    ) -> Result<Response<Self::EmbedStream>, Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown.into());
+        }
+        // Admission: while the queue is full, existing streams wait for a slot, new ones are
+        // told to come back later rather than pile up more waiting work.
+        if self.engine.is_full() {
+            return Err(Error::QueueFull {
+                capacity: self.engine.capacity(),
+            }
+            .into());
+        }
+        let meta = self.meta().await?;
+        let stream_id = self.streams.fetch_add(1, Ordering::Relaxed);
+        let timeout = grpc_timeout(request.metadata());
+        let span = tracing::info_span!(
+            "embed",
+            stream = stream_id,
+            peer = ?request.remote_addr(),
+            timeout_ms = timeout.map(|t| t.as_millis() as u64),
+        );
+        let inflight = self.config.max_inflight_per_stream;
+        let (tx, rx) = mpsc::channel(inflight);
+        let driver = StreamDriver {
+            inbound: request.into_inner(),
+            tx,
+            engine: self.engine.clone(),
+            model: meta.model.clone(),
+            inflight,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(driver.run(timeout).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<ModelInfo>, Status> {
+        let meta = self.meta().await?;
+        Ok(Response::new(ModelInfo {
+            backbone: meta.backbone.to_string(),
+            dim: meta.dim as u32,
+            weights_sha256: meta.weights_sha256.clone(),
+            device: meta.device.clone(),
+            max_batch: self.config.max_batch as u32,
+            model: meta.model.clone(),
+            max_wait_ms: self.config.max_wait.as_millis() as u32,
+            max_image_bytes: self.config.limits.max_bytes as u64,
+            max_image_pixels: self.config.limits.max_pixels,
+        }))
+    }
+}
+
+/// Everything one `Embed` stream needs, owned by the task that drives it.
+struct StreamDriver {
+    inbound: Streaming<EmbedRequest>,
+    tx: mpsc::Sender<Result<EmbedResponse, Status>>,
+    engine: Engine,
+    model: String,
+    inflight: usize,
+    shutdown: CancellationToken,
+}
+
+impl StreamDriver {
+    async fn run(mut self, timeout: Option<Duration>) {
+        let deadline = tokio::time::sleep(timeout.unwrap_or(Duration::from_secs(u32::MAX as u64)));
+        tokio::pin!(deadline);
+        let mut pending = FuturesUnordered::new();
+        let mut reading = true;
+        let mut ending: Option<Status> = None;
+        let (mut read, mut answered) = (0u64, 0u64);
+        loop {
+            if !reading && pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                // The client cancelled or went away: drop everything in flight. Items already
+                // with the engine are skipped there (their reply channel is closed).
+                () = self.tx.closed() => {
+                    tracing::info!(read, answered, "client went away; stream abandoned");
+                    return;
+                }
+                () = &mut deadline, if timeout.is_some() => {
+                    tracing::info!(read, answered, "deadline exceeded");
+                    let status = Status::deadline_exceeded(format!(
+                        "deadline exceeded after {read} items read, {answered} answered"
+                    ));
+                    let _ = self.tx.send(Err(status)).await;
+                    return;
+                }
+                Some(response) = pending.next(), if !pending.is_empty() => {
+                    answered += 1;
+                    if self.tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+                () = self.shutdown.cancelled(), if reading => {
+                    reading = false;
+                    ending = Some(Error::ShuttingDown.into());
+                    tracing::info!(read, "shutting down: answering items in flight, reading no more");
+                }
+                message = self.inbound.message(), if reading && pending.len() < self.inflight => {
+                    match message {
+                        Ok(Some(request)) => {
+                            read += 1;
+                            pending.push(embed_one(self.engine.clone(), self.model.clone(), request));
+                        }
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            tracing::warn!(%status, "stream failed on the transport");
+                            reading = false;
+                            ending = Some(status);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(status) = ending {
+            let _ = self.tx.send(Err(status)).await;
+        }
+        tracing::debug!(read, answered, "stream done");
+    }
+}
+
+/// One item through the engine, as the response the client sees.
+async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> EmbedResponse {
+    let EmbedRequest { id, image } = request;
+    let result = match engine.embed(image).await {
+        Ok(values) => embed_response::Result::Embedding(Embedding { values, model }),
+        Err(err) => {
+            tracing::debug!(%id, error = %err, "item failed");
+            embed_response::Result::Error(ItemError {
+                code: err.code() as i32,
+                message: err.to_string(),
+            })
+        }
+    };
+    EmbedResponse {
+        id,
+        result: Some(result),
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (`<digits><unit>`, unit one of
+/// H M S m u n). Tonic applies it to unary calls itself, but for a stream only until the
+/// response headers, so `Embed` enforces it over the whole stream.
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(value: &str) -> Option<Duration> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn parses_grpc_timeout() {
+        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout_of("10u"), Some(Duration::from_micros(10)));
+        assert_eq!(timeout_of("S"), None);
+        assert_eq!(timeout_of("123456789S"), None);
+        assert_eq!(timeout_of("5x"), None);
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+}

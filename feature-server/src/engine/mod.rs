@@ -1,1 +1,318 @@
-//! (being written)
+//! The engine: one OS thread owns the model; everything else talks to it through [`Engine`].
+//!
+//! The split follows text-embeddings-inference. An item's life:
+//! 1. it takes a *queue slot* (a semaphore permit; waits while all `queue_capacity` are taken,
+//!    which is the backpressure every stream feels);
+//! 2. it is decoded and preprocessed on tokio's blocking pool, at most `decode_threads` at
+//!    once, so neither the async runtime nor memory is at the mercy of large images;
+//! 3. it goes over a bounded channel to the engine thread, which merges items from every
+//!    stream into batches and hands the slot back as it takes the item;
+//! 4. its embedding (or error) comes back through its own oneshot.
+//!
+//! Memory is bounded by construction: at most `queue_capacity` preprocessed images wait, at
+//! most `max_batch` are in the model, and at most `decode_threads` images are being decoded.
+
+mod batcher;
+mod stats;
+
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use candle_core::Device;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+
+use self::batcher::{Batcher, ITEM_LEN, Job};
+pub use self::stats::{Gate, Stats, StatsSnapshot};
+use crate::config::{Config, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::models::{Backbone, BackboneKind};
+use crate::preprocess::{self, Limits};
+
+/// What a loaded engine runs, for `Info` and for the identity on every embedding.
+#[derive(Clone, Debug)]
+pub struct ModelMeta {
+    pub backbone: BackboneKind,
+    pub dim: usize,
+    pub weights_sha256: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `<backbone>@sha256:<hex>`, see [`taxon_proto::model_identity`].
+    pub model: String,
+}
+
+/// Where the engine thread is in its life.
+#[derive(Clone, Debug)]
+pub enum State {
+    /// Loading the weights or running the warm-up batch.
+    Loading,
+    /// Warmed up and taking work.
+    Ready(Arc<ModelMeta>),
+    /// Loading or warm-up failed; the message is the error's.
+    Failed(String),
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` once closed: new items get `ShuttingDown`, queued ones are still answered.
+    tx: Mutex<Option<SyncSender<Job>>>,
+    slots: Arc<Semaphore>,
+    capacity: usize,
+    depth: Arc<watch::Sender<usize>>,
+    decoders: Arc<Semaphore>,
+    limits: Limits,
+    state: watch::Receiver<State>,
+    stats: Arc<Stats>,
+    gate: Arc<Gate>,
+    thread: Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
+}
+
+impl Engine {
+    /// Starts the engine thread, which loads the weights and runs a warm-up batch; watch
+    /// [`Engine::ready`] for the outcome. Returns at once.
+    pub fn spawn(config: &Config) -> Result<Engine> {
+        config.validate()?;
+        let (tx, rx) = sync_channel::<Job>(config.queue_capacity);
+        let (state_tx, state) = watch::channel(State::Loading);
+        let stats = Arc::new(Stats::default());
+        let gate = Arc::new(Gate::default());
+        let (kind, weights, choice) = (config.backbone, config.weights.clone(), config.device);
+        let (max_batch, max_wait) = (config.max_batch, config.max_wait);
+        let (thread_stats, thread_gate) = (stats.clone(), gate.clone());
+        let thread = std::thread::Builder::new()
+            .name("taxon-engine".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let loaded = (|| {
+                    let device = make_device(choice)?;
+                    let (model, sha) = Backbone::load(kind, &weights, &device)?;
+                    let batcher = Batcher {
+                        model,
+                        device,
+                        max_batch,
+                        max_wait,
+                        stats: thread_stats,
+                        gate: thread_gate,
+                    };
+                    // The first pass allocates and tunes; pay for it before health says SERVING.
+                    batcher.forward(vec![0.0; ITEM_LEN], 1)?;
+                    Ok::<_, Error>((batcher, sha))
+                })();
+                match loaded {
+                    Ok((batcher, sha)) => {
+                        let meta = ModelMeta {
+                            backbone: kind,
+                            dim: batcher.model.dim(),
+                            model: taxon_proto::model_identity(kind.as_str(), &sha),
+                            weights_sha256: sha,
+                            device: choice.to_string(),
+                        };
+                        tracing::info!(
+                            model = %meta.model,
+                            dim = meta.dim,
+                            device = %meta.device,
+                            secs = started.elapsed().as_secs_f64(),
+                            "model loaded and warmed up"
+                        );
+                        state_tx.send_replace(State::Ready(Arc::new(meta)));
+                        batcher.run(rx);
+                        Ok(())
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "engine failed to start");
+                        state_tx.send_replace(State::Failed(err.to_string()));
+                        Err(err)
+                    }
+                }
+            })?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                tx: Mutex::new(Some(tx)),
+                slots: Arc::new(Semaphore::new(config.queue_capacity)),
+                capacity: config.queue_capacity,
+                depth: Arc::new(watch::Sender::new(0)),
+                decoders: Arc::new(Semaphore::new(config.decode_threads)),
+                limits: config.limits,
+                state,
+                stats,
+                gate,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Waits until the model is loaded and warmed up.
+    pub async fn ready(&self) -> Result<Arc<ModelMeta>> {
+        let mut state = self.inner.state.clone();
+        let state = state
+            .wait_for(|s| !matches!(s, State::Loading))
+            .await
+            .map_err(|_| Error::Internal("engine thread ended while loading".into()))?
+            .clone();
+        match state {
+            State::Ready(meta) => Ok(meta),
+            State::Failed(message) => Err(Error::Internal(format!(
+                "engine failed to start: {message}"
+            ))),
+            State::Loading => Err(Error::Internal("engine still loading".into())),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Decodes, preprocesses and embeds one encoded image. Waits for a queue slot first.
+    pub async fn embed(&self, image: Vec<u8>) -> Result<Vec<f32>> {
+        let slot = self.slot().await?;
+        let pixels = self.preprocess(image).await?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Job {
+            pixels,
+            reply,
+            slot,
+        })?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Decodes and preprocesses on the blocking pool, at most `decode_threads` at once.
+    pub async fn preprocess(&self, image: Vec<u8>) -> Result<Vec<f32>> {
+        let permit = self
+            .inner
+            .decoders
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let limits = self.inner.limits;
+        // The permit moves into the task: a cancelled caller cannot free it early and let more
+        // decodes run than the limit allows.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            preprocess::preprocess(&image, &limits)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("image decoding task failed: {e}")))?
+    }
+
+    async fn slot(&self) -> Result<QueueSlot> {
+        let permit = self
+            .inner
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        Ok(QueueSlot::new(permit, self.inner.depth.clone()))
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        let guard = self.inner.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = guard.as_ref().ok_or(Error::ShuttingDown)?;
+        // Never blocks: the job holds one of `capacity` slots and the channel has `capacity`
+        // places, so it always has room.
+        tx.try_send(job).map_err(|e| match e {
+            TrySendError::Disconnected(_) => Error::ShuttingDown,
+            TrySendError::Full(_) => Error::QueueFull {
+                capacity: self.inner.capacity,
+            },
+        })
+    }
+
+    /// True when every queue slot is taken: new streams are refused while this holds.
+    pub fn is_full(&self) -> bool {
+        self.inner.slots.available_permits() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// Items holding a queue slot (decoding or waiting for the engine), as it changes.
+    pub fn queue_depth(&self) -> watch::Receiver<usize> {
+        self.inner.depth.subscribe()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Holds the engine before its next batch (a test hook: fills the queue deterministically).
+    pub fn pause(&self) {
+        self.inner.gate.close();
+    }
+
+    pub fn resume(&self) {
+        self.inner.gate.open();
+    }
+
+    /// Stops taking new items; those already queued are still answered.
+    pub fn close(&self) {
+        self.inner
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.inner.gate.open();
+    }
+
+    /// Closes, then waits for the engine thread to drain the queue and exit. Returns the
+    /// thread's start-up error, if it had one.
+    pub async fn join(&self) -> Result<()> {
+        self.close();
+        let handle = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(handle) = handle else { return Ok(()) };
+        tokio::task::spawn_blocking(move || handle.join())
+            .await
+            .map_err(|e| Error::Internal(format!("joining the engine thread: {e}")))?
+            .map_err(|_| Error::Internal("the engine thread panicked".into()))?
+    }
+}
+
+/// One of the `queue_capacity` places; counted in [`Engine::queue_depth`] while held.
+pub(crate) struct QueueSlot {
+    _permit: OwnedSemaphorePermit,
+    depth: Arc<watch::Sender<usize>>,
+}
+
+impl QueueSlot {
+    fn new(permit: OwnedSemaphorePermit, depth: Arc<watch::Sender<usize>>) -> Self {
+        depth.send_modify(|d| *d += 1);
+        Self {
+            _permit: permit,
+            depth,
+        }
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.depth.send_modify(|d| *d = d.saturating_sub(1));
+    }
+}
+
+/// The candle device for a choice; CUDA only in builds with the `cuda` feature.
+fn make_device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) => {
+            Device::new_cuda(n).map_err(|e| Error::Device(choice.to_string(), e.to_string()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => Err(Error::Device(choice.to_string(), NO_CUDA.into())),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) const NO_CUDA: &str =
+    "this binary was built without the `cuda` feature; rebuild with `--features cuda`";

