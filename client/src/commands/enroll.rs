@@ -1,0 +1,278 @@
+//! `client enroll`: stream photos of one class (or a whole dataset tree, one stream per child)
+//! to the head-trainer, with a progress bar and a summary of what was kept and why not.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+use taxon_proto::v1::enroll_request::Item;
+use taxon_proto::v1::{EnrollRequest, EnrollResponse, EnrollStart, Photo};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::connect::Conn;
+use crate::error::{Error, Result};
+use crate::files::{self, Skipped};
+use crate::output::{self, human_duration};
+use crate::{Ctx, Outcome, dataset};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The class the photos show, e.g. `mymug`; created if new.
+    #[arg(long, required_unless_present = "dataset", conflicts_with = "dataset")]
+    pub class: Option<String>,
+    /// Optional parent class, e.g. `kitchenware`; created if new.
+    #[arg(long, default_value = "", conflicts_with = "dataset")]
+    pub parent: String,
+    /// Reply only once a trained head including these photos is live.
+    #[arg(long)]
+    pub wait: bool,
+    /// Enroll a whole `<parent>/<child>/*.jpg` tree, one class per child folder.
+    #[arg(long, value_name = "ROOT")]
+    pub dataset: Option<PathBuf>,
+    /// Skip files larger than this many MiB (the server's message limit should be above it).
+    #[arg(long, default_value_t = 20)]
+    pub max_file_mib: u64,
+    /// Photos: files, folders (recursive) or glob patterns.
+    #[arg(value_name = "PATH", required_unless_present = "dataset")]
+    pub paths: Vec<String>,
+}
+
+/// One class's upload as the server saw it, plus the files that vanished before sending.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub response: EnrollResponse,
+    pub unread: Vec<Skipped>,
+    pub elapsed: Duration,
+}
+
+/// Streams `images` as one Enroll call. Shared with the evaluation, which enrolls each child's
+/// k training photos the same way a user would.
+pub async fn enroll_class(
+    conn: &Conn,
+    class: &str,
+    parent: &str,
+    wait: bool,
+    images: &[PathBuf],
+    pb: &ProgressBar,
+) -> Result<Enrolled> {
+    let started = Instant::now();
+    // A small buffer: the bar then tracks what was handed to the transport, not what was read.
+    let (tx, rx) = mpsc::channel(2);
+    let start = EnrollRequest {
+        item: Some(Item::Start(EnrollStart {
+            class_name: class.to_string(),
+            parent: parent.to_string(),
+            wait_for_head: wait,
+        })),
+    };
+    let files = images.to_vec();
+    let bar = pb.clone();
+    let feeder = tokio::spawn(async move {
+        let mut unread = Vec::new();
+        if tx.send(start).await.is_err() {
+            return unread;
+        }
+        for path in files {
+            match tokio::fs::read(&path).await {
+                Ok(image) => {
+                    let photo = Photo {
+                        id: path.display().to_string(),
+                        image,
+                    };
+                    let msg = EnrollRequest {
+                        item: Some(Item::Photo(photo)),
+                    };
+                    if tx.send(msg).await.is_err() {
+                        break; // the call failed; its status says why
+                    }
+                }
+                Err(e) => unread.push(Skipped {
+                    path,
+                    reason: format!("cannot read: {e}"),
+                }),
+            }
+            bar.inc(1);
+        }
+        unread
+    });
+    let response = conn
+        .classifier()
+        .enroll(ReceiverStream::new(rx))
+        .await
+        .map_err(conn.rpc_error("Enroll"))?
+        .into_inner();
+    let unread = feeder.await.unwrap_or_default();
+    Ok(Enrolled {
+        response,
+        unread,
+        elapsed: started.elapsed(),
+    })
+}
+
+#[derive(Serialize)]
+struct Rejected<'a> {
+    file: &'a str,
+    code: i32,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+struct Summary<'a> {
+    class: &'a str,
+    parent: &'a str,
+    accepted: u32,
+    rejected: Vec<Rejected<'a>>,
+    skipped: &'a [Skipped],
+    head_version: u64,
+    head: &'a str,
+    cached: u32,
+    examples: u32,
+    time_to_live_ms: u64,
+    elapsed_ms: u64,
+}
+
+pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
+    let max_bytes = args.max_file_mib.saturating_mul(1024 * 1024);
+    let jobs: Vec<(String, String, Vec<PathBuf>)>;
+    let skipped: Vec<Skipped>;
+    if let Some(root) = &args.dataset {
+        let ds = dataset::read(root, max_bytes)?;
+        skipped = ds.skipped;
+        jobs = ds
+            .children
+            .into_iter()
+            .map(|c| (c.name, c.parent, c.images))
+            .collect();
+    } else {
+        let class = args.class.clone().unwrap_or_default();
+        if class.trim().is_empty() {
+            return Err(Error::Usage(
+                "--class needs a name, e.g. --class mymug".into(),
+            ));
+        }
+        let found = files::collect(&args.paths, max_bytes)?;
+        if found.images.is_empty() {
+            print_skipped(ctx, &found.skipped)?;
+            return Err(Error::NoImages {
+                skipped: found.skipped.len(),
+            });
+        }
+        skipped = found.skipped;
+        jobs = vec![(class, args.parent.clone(), found.images)];
+    }
+    let conn = ctx.connect().await?;
+    let total: usize = jobs.iter().map(|j| j.2.len()).sum();
+    let pb = output::progress(total as u64, "photos", ctx.json);
+    let dataset_mode = args.dataset.is_some();
+    if !ctx.json {
+        print_skipped(ctx, &skipped)?;
+    }
+    let mut accepted_total = 0u32;
+    for (i, (class, parent, images)) in jobs.iter().enumerate() {
+        pb.set_message(class.clone());
+        let last = i + 1 == jobs.len();
+        // In dataset mode only the last class waits: one trained head then covers them all.
+        let wait = args.wait && (!dataset_mode || last);
+        let done = enroll_class(&conn, class, parent, wait, images, &pb).await?;
+        accepted_total += done.response.accepted;
+        pb.suspend(|| report(ctx, &done, if dataset_mode { &[] } else { &skipped }, wait))?;
+    }
+    pb.finish_and_clear();
+    if accepted_total == 0 {
+        return Ok(Outcome::Failed(
+            "the server accepted no photo (see the rejections above)".into(),
+        ));
+    }
+    Ok(Outcome::Success)
+}
+
+fn print_skipped(ctx: &mut Ctx<'_>, skipped: &[Skipped]) -> Result<()> {
+    if ctx.json || skipped.is_empty() {
+        return Ok(());
+    }
+    writeln!(ctx.out, "skipped {} path(s):", skipped.len())?;
+    for s in skipped {
+        writeln!(ctx.out, "  {}: {}", s.path.display(), s.reason)?;
+    }
+    Ok(())
+}
+
+fn report(ctx: &mut Ctx<'_>, done: &Enrolled, skipped: &[Skipped], waited: bool) -> Result<()> {
+    let r = &done.response;
+    let mut all_skipped = skipped.to_vec();
+    all_skipped.extend(done.unread.iter().cloned());
+    if ctx.json {
+        let summary = Summary {
+            class: &r.class_name,
+            parent: &r.parent,
+            accepted: r.accepted,
+            rejected: r
+                .rejected
+                .iter()
+                .map(|x| Rejected {
+                    file: &x.id,
+                    code: x.code,
+                    message: &x.message,
+                })
+                .collect(),
+            skipped: &all_skipped,
+            head_version: r.head_version,
+            head: &r.head,
+            cached: r.cached,
+            examples: r.examples,
+            time_to_live_ms: r.time_to_live_ms,
+            elapsed_ms: super::ms(done.elapsed),
+        };
+        return output::json_line(ctx.out, &summary);
+    }
+    let out = &mut *ctx.out;
+    let parent = if r.parent.is_empty() {
+        String::new()
+    } else {
+        format!(" (parent {})", r.parent)
+    };
+    writeln!(
+        out,
+        "{}{parent}: {} accepted ({} already embedded), {} rejected, {} skipped; {} examples now",
+        r.class_name,
+        r.accepted,
+        r.cached,
+        r.rejected.len(),
+        all_skipped.len(),
+        r.examples
+    )?;
+    for s in &done.unread {
+        writeln!(out, "  skipped {}: {}", s.path.display(), s.reason)?;
+    }
+    for x in &r.rejected {
+        let code = tonic::Code::from_i32(x.code);
+        writeln!(out, "  rejected {}: {code:?}: {}", short(&x.id), x.message)?;
+    }
+    if waited {
+        writeln!(
+            out,
+            "  live head: {} v{}, live {} after the last photo",
+            r.head,
+            r.head_version,
+            human_duration(Duration::from_millis(r.time_to_live_ms))
+        )?;
+    } else {
+        writeln!(
+            out,
+            "  classifiable now (live head: {} v{}); a trained head follows in the background (--wait waits for it)",
+            r.head, r.head_version
+        )?;
+    }
+    writeln!(out, "  took {}", human_duration(done.elapsed))?;
+    Ok(())
+}
+
+/// Rejections echo our id (the path); the file name is what a person scans for.
+fn short(id: &str) -> &str {
+    Path::new(id)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(id)
+}

@@ -1,0 +1,155 @@
+//! The client's one error type. Every variant's message says what went wrong *and what to do
+//! about it*, because the person reading it is at a terminal, not in a debugger.
+
+use std::path::PathBuf;
+
+use tonic::Code;
+
+/// Everything a command can fail with. `main` prints the `Display` form and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--server` / `--features` is not a usable URL.
+    #[error("invalid address {addr:?}: {reason} (expected e.g. http://127.0.0.1:50052)")]
+    BadAddress { addr: String, reason: String },
+
+    /// Nothing answered at the address (refused, timed out, DNS).
+    #[error(
+        "cannot reach the {service} at {addr}: {reason}\n  \
+         is it running? start it with `{start}`, or point {flag} at where it listens"
+    )]
+    Unreachable {
+        service: &'static str,
+        addr: String,
+        reason: String,
+        start: &'static str,
+        flag: &'static str,
+    },
+
+    /// The server answered a call with an error status.
+    #[error("{}", describe_status(.call, .addr, .status))]
+    Rpc {
+        call: &'static str,
+        addr: String,
+        status: tonic::Status,
+    },
+
+    /// `--tenant` or `--token` cannot travel as gRPC metadata.
+    #[error("invalid {what}: {reason}")]
+    Metadata { what: &'static str, reason: String },
+
+    /// The command line is valid for clap but not meaningful (e.g. no class name).
+    #[error("{0}")]
+    Usage(String),
+
+    /// Every path given was skipped, so there is nothing to send.
+    #[error(
+        "no images to send: {skipped} path(s) skipped (see above); give image files, folders or globs"
+    )]
+    NoImages { skipped: usize },
+
+    /// A glob pattern that `glob` cannot parse.
+    #[error("invalid glob pattern {pattern:?}: {reason}")]
+    Pattern { pattern: String, reason: String },
+
+    /// A `<parent>/<child>/*.jpg` tree that is missing or empty.
+    #[error("dataset {}: {reason}", .root.display())]
+    Dataset { root: PathBuf, reason: String },
+
+    /// Reading or writing a named file failed.
+    #[error("{}: {source}", .path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Encoding a plot failed.
+    #[error("cannot write {}: {source}", .path.display())]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+
+    /// Writing to stdout failed (e.g. a closed pipe).
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+
+    /// The server broke the contract (e.g. a stream reply for an id never sent).
+    #[error("unexpected reply from {addr}: {reason}")]
+    Protocol { addr: String, reason: String },
+}
+
+/// Turns a status into a sentence with a next step, by code: the codes a user can act on get
+/// the action, the rest keep the server's own message.
+fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
+    let msg = status.message();
+    let hint = match status.code() {
+        Code::Unavailable => format!(
+            "is the server at {addr} running and its feature-server reachable? retry when it is up"
+        ),
+        Code::Unauthenticated => {
+            "the server requires a token: pass --token or set TAXON_TOKEN".to_string()
+        }
+        Code::PermissionDenied => {
+            "the token is not allowed to do this (check --token / --tenant)".to_string()
+        }
+        Code::Unimplemented => format!(
+            "{addr} does not serve this call: is it the head-trainer (default port 50052) and not the feature-server (50051)?"
+        ),
+        Code::NotFound => "check the name with `client classes`".to_string(),
+        Code::AlreadyExists => {
+            "choose another name, or remove the existing class first".to_string()
+        }
+        Code::FailedPrecondition => {
+            "enroll classes first (`client enroll --class NAME PHOTOS`)".to_string()
+        }
+        Code::ResourceExhausted => {
+            "the server is busy or the message too big: retry later, or send smaller images"
+                .to_string()
+        }
+        Code::DeadlineExceeded => "the server took too long: retry, or check its load".to_string(),
+        _ => String::new(),
+    };
+    let code = format!("{:?}", status.code()).to_uppercase();
+    if hint.is_empty() {
+        format!("{call} failed at {addr}: {code}: {msg}")
+    } else {
+        format!("{call} failed at {addr}: {code}: {msg}\n  {hint}")
+    }
+}
+
+/// Joins an error and its sources, because tonic's transport errors say only "transport error"
+/// at the top and the useful part ("connection refused") lives in the chain.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        next = e.source();
+    }
+    out
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthenticated_says_to_set_a_token() {
+        let e = Error::Rpc {
+            call: "ListClasses",
+            addr: "http://h:1".into(),
+            status: tonic::Status::unauthenticated("missing bearer token"),
+        };
+        let s = e.to_string();
+        assert!(s.contains("--token") && s.contains("TAXON_TOKEN"), "{s}");
+        assert!(s.contains("missing bearer token"), "{s}");
+    }
+}
