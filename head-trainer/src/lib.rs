@@ -1,1 +1,28 @@
-//! placeholder
+//! The head-trainer: per-tenant taxonomies, an embedding cache and small heads trained on it
+//! in seconds, served as `taxon.v1.Classifier`.
+//!
+//! Layout, outermost first:
+//! - [`server`]: `run(listener, config, shutdown)`: health, reflection, graceful shutdown;
+//! - [`service`]: the gRPC methods (enroll, classify, manage) and authentication;
+//! - [`tenants`]: each tenant's live taxonomy and heads, swapped atomically;
+//! - [`trainer`]: one training job per tenant at a time, later requests coalesced;
+//! - [`features`]: the feature-server client (the only source of embeddings);
+//! - [`store`]: the durable state in redb; [`heads`]: the models; [`decision`]: the rules.
+//!
+//! Everything below `service` knows nothing of tonic.
+
+pub mod config;
+pub mod decision;
+pub mod error;
+pub mod features;
+pub mod heads;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod taxonomy;
+pub mod tenants;
+pub mod trainer;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use server::{run, run_with_source};

@@ -1,0 +1,138 @@
+//! Configuration: a plain struct with public fields and a constructor (tests and embedders
+//! build it in code), plus the clap parser the binary uses, with `env` on every flag.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::decision::Thresholds;
+use crate::heads::{HeadKind, TrainOptions};
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Feature-server URLs, balanced over.
+    pub features_urls: Vec<String>,
+    /// Directory of the store (`taxon.redb`).
+    pub data_dir: PathBuf,
+    /// File of `token tenant` lines; when set, every request needs a valid bearer token.
+    pub tokens_file: Option<PathBuf>,
+    /// The head kind that becomes live once trained (and that Enroll trains).
+    pub default_head: HeadKind,
+    /// Embeddings of classified photos kept in memory (photos enrolled are in the store).
+    pub classify_cache_entries: usize,
+    /// Largest photo accepted, in bytes (checked before it is sent anywhere).
+    pub max_photo_bytes: usize,
+    /// Most photos in one Enroll.
+    pub max_photos_per_enroll: usize,
+    pub thresholds: Thresholds,
+    pub train: TrainOptions,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Longest an Enroll with `wait_for_head` waits for the trained head.
+    pub wait_for_head_timeout: Duration,
+    /// Longest shutdown waits for a running training job.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// A config with every default, for the given feature-servers and data directory.
+    pub fn new(features_urls: Vec<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            features_urls,
+            data_dir: data_dir.into(),
+            tokens_file: None,
+            default_head: HeadKind::Combined,
+            classify_cache_entries: 8192,
+            max_photo_bytes: 16 << 20,
+            max_photos_per_enroll: 1000,
+            thresholds: Thresholds::default(),
+            train: TrainOptions::default(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(120),
+            wait_for_head_timeout: Duration::from_secs(120),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Command line of the `head-trainer` binary.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "head-trainer",
+    version,
+    about = "Teach an image classifier new classes from a handful of photos, in seconds."
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TAXON_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: String,
+    /// Feature-server URL; repeat (or comma-separate in the env var) to balance over several.
+    #[arg(
+        long = "features-url",
+        env = "TAXON_FEATURES_URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub features_url: Vec<String>,
+    /// Directory of the store.
+    #[arg(long, env = "TAXON_DATA", default_value = "./data")]
+    pub data: PathBuf,
+    /// File of `token tenant` lines: when given, requests need `authorization: Bearer <token>`.
+    #[arg(long, env = "TAXON_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Head kind made live once trained: prototype, flat, hierarchical or combined.
+    #[arg(long, env = "TAXON_DEFAULT_HEAD", default_value = "combined")]
+    pub default_head: String,
+    /// Embeddings of classified photos kept in memory.
+    #[arg(long, env = "TAXON_CLASSIFY_CACHE_ENTRIES", default_value_t = 8192)]
+    pub classify_cache_entries: usize,
+    /// Largest photo accepted, in bytes.
+    #[arg(long, env = "TAXON_MAX_PHOTO_BYTES", default_value_t = 16 << 20)]
+    pub max_photo_bytes: usize,
+    /// Open-set rejection: cosine to the nearest class mean below this is UNKNOWN (provisional).
+    #[arg(long, env = "TAXON_UNKNOWN_SIMILARITY", default_value_t = Thresholds::default().unknown_similarity)]
+    pub unknown_similarity: f32,
+    /// Best child at least this probable is the answer (provisional).
+    #[arg(long, env = "TAXON_CHILD_MIN_PROBABILITY", default_value_t = Thresholds::default().child_min_probability)]
+    pub child_min_probability: f32,
+    /// Otherwise back off to a parent at least this probable (provisional).
+    #[arg(long, env = "TAXON_PARENT_MIN_PROBABILITY", default_value_t = Thresholds::default().parent_min_probability)]
+    pub parent_min_probability: f32,
+    /// Seed of head initialisation (same examples + same seed = same head).
+    #[arg(long, env = "TAXON_TRAIN_SEED", default_value_t = 0)]
+    pub train_seed: u64,
+    /// Most optimiser steps per training job.
+    #[arg(long, env = "TAXON_TRAIN_MAX_STEPS", default_value_t = TrainOptions::default().max_steps)]
+    pub train_max_steps: usize,
+    /// Weight of the hierarchical head's parent-tie term (0 = off, as in the prototype).
+    #[arg(long, env = "TAXON_PARENT_TIE", default_value_t = 0.0)]
+    pub parent_tie: f64,
+    /// Seconds to wait for a feature-server to connect and answer.
+    #[arg(long, env = "TAXON_CONNECT_TIMEOUT_S", default_value_t = 2.0)]
+    pub connect_timeout_s: f64,
+    /// Seconds an Embed call may take in all.
+    #[arg(long, env = "TAXON_REQUEST_TIMEOUT_S", default_value_t = 120.0)]
+    pub request_timeout_s: f64,
+}
+
+impl Args {
+    /// The config these arguments describe.
+    pub fn config(&self) -> crate::Result<Config> {
+        let mut c = Config::new(self.features_url.clone(), self.data.clone());
+        c.tokens_file = self.tokens.clone();
+        c.default_head = self.default_head.parse()?;
+        c.classify_cache_entries = self.classify_cache_entries;
+        c.max_photo_bytes = self.max_photo_bytes;
+        c.thresholds = Thresholds {
+            unknown_similarity: self.unknown_similarity,
+            child_min_probability: self.child_min_probability,
+            parent_min_probability: self.parent_min_probability,
+        };
+        c.train.seed = self.train_seed;
+        c.train.max_steps = self.train_max_steps;
+        c.train.parent_tie = self.parent_tie;
+        c.connect_timeout = Duration::from_secs_f64(self.connect_timeout_s);
+        c.request_timeout = Duration::from_secs_f64(self.request_timeout_s);
+        Ok(c)
+    }
+}

@@ -1,0 +1,135 @@
+//! One error type for the whole crate and one table that maps it onto gRPC status codes.
+//!
+//! Keeping the mapping in a single `From<Error> for Status` means a reviewer can check every
+//! code the service can answer in one screen, and the model/store code never sees tonic.
+
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in the head-trainer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A class name that the tenant does not have.
+    #[error("unknown class `{0}`")]
+    UnknownClass(String),
+    /// A class name that is empty, too long or has control characters.
+    #[error("invalid class name {name:?}: {why}")]
+    InvalidClassName { name: String, why: &'static str },
+    /// Any other malformed request (missing first message, bad head kind, bad tenant...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An Enroll stream that carried no photo at all.
+    #[error("empty enroll stream: send EnrollStart and then at least one Photo")]
+    EmptyStream,
+    /// A photo over the configured byte limit (checked before it is sent anywhere).
+    #[error("photo `{id}` is {bytes} bytes, over the limit of {limit} bytes")]
+    PhotoTooLarge {
+        id: String,
+        bytes: usize,
+        limit: usize,
+    },
+    /// Every photo of an Enroll was rejected, so nothing was written.
+    #[error("no photo accepted ({0})")]
+    NothingAccepted(String),
+    /// The tenant has no class (with examples) yet, so there is nothing to classify against.
+    #[error("tenant `{0}` has no classes yet: enroll some photos first")]
+    NoClasses(String),
+    /// A request that is well-formed but conflicts with the current taxonomy.
+    #[error("{0}")]
+    Precondition(String),
+    /// A rename onto a name that is already taken.
+    #[error("class `{0}` already exists")]
+    AlreadyExists(String),
+    /// No head of the requested kind has been trained yet.
+    #[error("no `{0}` head trained yet for this tenant: call Train first")]
+    NoHead(String),
+    /// A head trained on one backbone was handed an embedding from another.
+    #[error("head was trained for model `{expected}`, embedding comes from `{got}`")]
+    ModelMismatch { expected: String, got: String },
+    /// No feature-server answered (all down, or the model identity is not known yet).
+    #[error("feature-server unavailable: {0}")]
+    Unavailable(String),
+    /// The feature-server rejected one image (undecodable, too large, ...).
+    #[error("{message}")]
+    Item { code: i32, message: String },
+    /// Missing or wrong bearer token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    /// The server is shutting down and takes no new work.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// The embedded database failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// Tensor code failed (shape bugs, corrupt head bytes).
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// Crate-wide result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// redb splits its errors into one type per operation; they all mean "the store failed".
+macro_rules! store_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Store(e.to_string())
+            }
+        }
+    )*};
+}
+store_error!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Corrupt(e.to_string())
+    }
+}
+
+impl From<safetensors::SafeTensorError> for Error {
+    fn from(e: safetensors::SafeTensorError) -> Self {
+        Error::Corrupt(e.to_string())
+    }
+}
+
+impl Error {
+    /// The gRPC code of this error; also used for per-photo rejections in Enroll.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::UnknownClass(_) | Error::NoHead(_) => Code::NotFound,
+            Error::InvalidClassName { .. }
+            | Error::InvalidArgument(_)
+            | Error::EmptyStream
+            | Error::PhotoTooLarge { .. }
+            | Error::NothingAccepted(_) => Code::InvalidArgument,
+            Error::NoClasses(_) | Error::Precondition(_) | Error::ModelMismatch { .. } => {
+                Code::FailedPrecondition
+            }
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
+            Error::Item { code, .. } => Code::from_i32(*code),
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Store(_) | Error::Model(_) | Error::Corrupt(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = e.code();
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        }
+        Status::new(code, e.to_string())
+    }
+}

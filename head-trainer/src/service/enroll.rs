@@ -1,0 +1,297 @@
+//! Enroll: photos of one class in, examples stored, class classifiable at once.
+//!
+//! Order matters for "nothing half-written": photos are hashed and embedded (only those the
+//! tenant never sent before) while the stream is read, and the class with all its examples is
+//! created in one transaction at the very end. If the feature-servers are down the call fails
+//! before anything is written; if the process dies before the commit, nothing was
+//! acknowledged. Embedding in chunks as the photos arrive bounds memory to one chunk of
+//! photos, whatever the size of the enroll.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use taxon_proto::v1::{EnrollRequest, EnrollResponse, ModelInfo, RejectedPhoto, enroll_request};
+use tonic::{Request, Streaming};
+
+use super::Ctx;
+use crate::store::{EnrollWrite, Hash};
+use crate::taxonomy::validate_class_name;
+use crate::{Error, Result};
+
+/// Photos sent to the feature-server per Embed call while the stream is still arriving.
+const CHUNK_PHOTOS: usize = 32;
+
+/// What the photos of one enroll became.
+#[derive(Default)]
+struct Accepted {
+    /// Distinct photos with their embedding, in arrival order.
+    examples: Vec<(Hash, Vec<f32>)>,
+    index: HashMap<Hash, usize>,
+    accepted: u32,
+    cached: u32,
+    rejected: Vec<RejectedPhoto>,
+}
+
+impl Accepted {
+    fn reject(&mut self, id: String, e: &Error) {
+        self.rejected.push(RejectedPhoto {
+            id,
+            code: e.code() as i32,
+            message: e.to_string(),
+        });
+    }
+}
+
+pub async fn enroll(
+    ctx: &Arc<Ctx>,
+    req: Request<Streaming<EnrollRequest>>,
+) -> Result<EnrollResponse> {
+    let tenant_name = ctx.auth.tenant(req.metadata())?;
+    let mut stream = req.into_inner();
+    let start = match stream.message().await.map_err(status_err)? {
+        None => return Err(Error::EmptyStream),
+        Some(EnrollRequest {
+            item: Some(enroll_request::Item::Start(s)),
+        }) => s,
+        Some(_) => {
+            return Err(Error::InvalidArgument(
+                "the first message of Enroll must be EnrollStart".into(),
+            ));
+        }
+    };
+    validate_class_name(&start.class_name)?;
+    let parent = (!start.parent.is_empty()).then_some(start.parent.as_str());
+    if let Some(p) = parent {
+        validate_class_name(p)?;
+        if p == start.class_name {
+            return Err(Error::InvalidArgument(
+                "a class cannot be its own parent".into(),
+            ));
+        }
+    }
+    // Fail fast, before reading photos, when no feature-server is known.
+    let info = ctx.model()?;
+    let limit = photo_limit(ctx, &info);
+    let mut acc = Accepted::default();
+    let mut chunk: Vec<(String, Vec<u8>, Hash)> = Vec::new();
+    let mut photos = 0usize;
+    while let Some(msg) = stream.message().await.map_err(status_err)? {
+        let photo = match msg.item {
+            Some(enroll_request::Item::Photo(p)) => p,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "only the first message of Enroll may be EnrollStart".into(),
+                ));
+            }
+        };
+        photos += 1;
+        if photos > ctx.config.max_photos_per_enroll {
+            return Err(Error::InvalidArgument(format!(
+                "more than {} photos in one enroll",
+                ctx.config.max_photos_per_enroll
+            )));
+        }
+        if photo.image.is_empty() {
+            acc.reject(photo.id, &Error::InvalidArgument("empty image".into()));
+            continue;
+        }
+        if photo.image.len() > limit {
+            let e = Error::PhotoTooLarge {
+                id: photo.id.clone(),
+                bytes: photo.image.len(),
+                limit,
+            };
+            acc.reject(photo.id, &e);
+            continue;
+        }
+        let hash: Hash = Sha256::digest(&photo.image).into();
+        chunk.push((photo.id, photo.image, hash));
+        if chunk.len() >= CHUNK_PHOTOS {
+            embed_chunk(
+                ctx,
+                &tenant_name,
+                &info.model,
+                std::mem::take(&mut chunk),
+                &mut acc,
+            )
+            .await?;
+        }
+    }
+    embed_chunk(ctx, &tenant_name, &info.model, chunk, &mut acc).await?;
+    let last_photo = Instant::now();
+    if photos == 0 {
+        return Err(Error::EmptyStream);
+    }
+    if acc.examples.is_empty() {
+        let first = acc
+            .rejected
+            .first()
+            .map(|r| format!("{}: {}", r.id, r.message));
+        return Err(Error::NothingAccepted(first.unwrap_or_default()));
+    }
+
+    let (tenant, _) = ctx.tenant_named(&tenant_name, &info).await?;
+    let store = Arc::clone(ctx.tenants.store());
+    let (class_name, parent_name, model) = (
+        start.class_name.clone(),
+        parent.map(str::to_string),
+        info.model.clone(),
+    );
+    let examples = std::mem::take(&mut acc.examples);
+    let name2 = tenant_name.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        store.enroll(
+            &name2,
+            &EnrollWrite {
+                class_name: &class_name,
+                parent: parent_name.as_deref(),
+                model: &model,
+                examples,
+            },
+        )
+    })
+    .await
+    .map_err(|e| Error::Store(format!("enroll task: {e}")))??;
+    tracing::info!(
+        tenant = %tenant_name, class = %start.class_name, accepted = acc.accepted, cached = acc.cached,
+        rejected = acc.rejected.len(), examples = outcome.examples, revision = outcome.revision, "enrolled"
+    );
+    ctx.tenants.refresh(&tenant, &info.model).await?;
+    ctx.trainer.schedule(&tenant, &info.model);
+
+    let mut time_to_live_ms = 0;
+    if start.wait_for_head && ctx.config.default_head.is_trained() {
+        wait_for_head(
+            ctx,
+            &tenant,
+            outcome.revision,
+            ctx.config.wait_for_head_timeout,
+        )
+        .await?;
+        time_to_live_ms = last_photo.elapsed().as_millis() as u64;
+    }
+    let set = tenant.current();
+    let live = set.live(ctx.config.default_head, &info.model);
+    Ok(EnrollResponse {
+        class_name: start.class_name,
+        parent: outcome.parent.unwrap_or_default(),
+        accepted: acc.accepted,
+        rejected: acc.rejected,
+        head_version: live.as_ref().map(|h| h.meta.version).unwrap_or(0),
+        cached: acc.cached,
+        examples: outcome.examples,
+        head: live.map(|h| h.meta.kind.clone()).unwrap_or_default(),
+        time_to_live_ms,
+    })
+}
+
+/// Looks the chunk's photos up in the tenant's cache and embeds the rest.
+async fn embed_chunk(
+    ctx: &Ctx,
+    tenant: &str,
+    model: &str,
+    chunk: Vec<(String, Vec<u8>, Hash)>,
+    acc: &mut Accepted,
+) -> Result<()> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    // Cache lookups: the same photo twice in one enroll, or sent in an earlier one.
+    let store = Arc::clone(ctx.tenants.store());
+    let hashes: Vec<Hash> = chunk.iter().map(|c| c.2).collect();
+    let (t, m) = (tenant.to_string(), model.to_string());
+    let known = tokio::task::spawn_blocking(move || -> Result<Vec<Option<Vec<f32>>>> {
+        hashes.iter().map(|h| store.embedding(&t, h, &m)).collect()
+    })
+    .await
+    .map_err(|e| Error::Store(format!("cache lookup: {e}")))??;
+    let mut to_embed = Vec::new();
+    for ((id, image, hash), cached) in chunk.into_iter().zip(known) {
+        if acc.index.contains_key(&hash) {
+            acc.accepted += 1;
+            acc.cached += 1;
+        } else if let Some(v) = cached {
+            acc.index.insert(hash, acc.examples.len());
+            acc.examples.push((hash, v));
+            acc.accepted += 1;
+            acc.cached += 1;
+        } else if to_embed
+            .iter()
+            .any(|(_, _, h): &(String, Vec<u8>, Hash)| *h == hash)
+        {
+            // The same photo twice in this chunk: embedded once, counted as cached.
+            acc.accepted += 1;
+            acc.cached += 1;
+        } else {
+            to_embed.push((id, image, hash));
+        }
+    }
+    if to_embed.is_empty() {
+        return Ok(());
+    }
+    let items: Vec<(String, Vec<u8>)> = to_embed
+        .iter()
+        .map(|(id, img, _)| (id.clone(), img.clone()))
+        .collect();
+    let results = ctx.features.embed(items).await?;
+    for ((id, _, hash), r) in to_embed.into_iter().zip(results) {
+        match r {
+            Ok(v) => {
+                acc.index.insert(hash, acc.examples.len());
+                acc.examples.push((hash, v));
+                acc.accepted += 1;
+            }
+            Err(e) => acc.reject(id, &e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until a trained head of the default kind covering `revision` is live (or its
+/// training failed, or `timeout`): the publication wakes us, no polling.
+async fn wait_for_head(
+    ctx: &Ctx,
+    tenant: &crate::tenants::Tenant,
+    revision: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let kind = ctx.config.default_head;
+    let mut rx = tenant.subscribe();
+    let waited = tokio::time::timeout(
+        timeout,
+        rx.wait_for(|set| {
+            set.trained
+                .get(&kind)
+                .is_some_and(|h| h.meta.revision >= revision)
+                || set.failed.as_ref().is_some_and(|(r, _)| *r >= revision)
+        }),
+    )
+    .await;
+    match waited {
+        Ok(Ok(set)) => match (&set.failed, set.trained.get(&kind)) {
+            (_, Some(h)) if h.meta.revision >= revision => Ok(()),
+            (Some((_, why)), _) => Err(Error::Precondition(format!("training failed: {why}"))),
+            _ => Ok(()),
+        },
+        Ok(Err(_)) => Err(Error::ShuttingDown),
+        Err(_) => {
+            tracing::warn!(tenant = %tenant.name, revision, "wait_for_head timed out; replying with the prototype");
+            Ok(())
+        }
+    }
+}
+
+/// The per-photo byte limit: ours, or the feature-server's if it is lower.
+pub(super) fn photo_limit(ctx: &Ctx, info: &ModelInfo) -> usize {
+    match info.max_image_bytes {
+        0 => ctx.config.max_photo_bytes,
+        n => ctx.config.max_photo_bytes.min(n as usize),
+    }
+}
+
+/// A broken client stream ends the enroll; nothing has been written yet.
+fn status_err(s: tonic::Status) -> Error {
+    Error::InvalidArgument(format!("enroll stream: {}", s.message()))
+}

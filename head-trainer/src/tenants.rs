@@ -1,0 +1,212 @@
+//! Each tenant's live state in memory: its taxonomy and heads, published through a
+//! `tokio::sync::watch` channel.
+//!
+//! The watch channel is the atomic swap: readers take an `Arc<HeadSet>` (a clone of a pointer)
+//! and classify with it while a new set is published, and waiters (an Enroll with
+//! `wait_for_head`) are woken by the publication itself, with no polling. A set is replaced
+//! only by a newer one (ordered by the store's write sequence and head versions), so two
+//! requests finishing out of order never roll the state back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::heads::{Head, HeadKind, TrainOptions, TrainSet};
+use crate::store::{Snapshot, Store};
+use crate::taxonomy::Taxonomy;
+use crate::{Error, Result};
+
+/// A tenant's taxonomy and heads at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct HeadSet {
+    pub taxonomy: Arc<Taxonomy>,
+    /// Nearest class mean over the current examples; `None` without examples.
+    pub prototype: Option<Arc<Head>>,
+    /// Latest head of each trained kind (possibly older than the taxonomy).
+    pub trained: HashMap<HeadKind, Arc<Head>>,
+    /// Revision whose training failed, and why (so that waiters stop waiting).
+    pub failed: Option<(u64, String)>,
+}
+
+impl HeadSet {
+    /// The head answering requests that name none: the default kind once it covers every
+    /// class with examples, the prototype until then (a class is classifiable at once).
+    pub fn live(&self, default: HeadKind, model: &str) -> Option<Arc<Head>> {
+        if let Some(h) = self.trained.get(&default)
+            && h.meta.model == model
+        {
+            let covered = self
+                .taxonomy
+                .leaves()
+                .iter()
+                .all(|c| h.meta.classes.contains(c));
+            if covered {
+                return Some(Arc::clone(h));
+            }
+        }
+        self.prototype.clone()
+    }
+
+    /// The latest head of `kind`.
+    pub fn head(&self, kind: HeadKind) -> Result<Arc<Head>> {
+        match kind {
+            HeadKind::Prototype => self.prototype.clone(),
+            k => self.trained.get(&k).cloned(),
+        }
+        .ok_or_else(|| Error::NoHead(kind.to_string()))
+    }
+}
+
+/// One tenant.
+pub struct Tenant {
+    pub name: String,
+    state: watch::Sender<Arc<HeadSet>>,
+    /// Held while a training job of this tenant runs: one job per tenant at a time.
+    pub train_lock: tokio::sync::Mutex<()>,
+    /// Background job bookkeeping: (a job is running, another one was asked for meanwhile).
+    pub(crate) job: Mutex<(bool, bool)>,
+}
+
+impl Tenant {
+    pub fn current(&self) -> Arc<HeadSet> {
+        self.state.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<HeadSet>> {
+        self.state.subscribe()
+    }
+
+    /// Publishes a new taxonomy and prototype if they are newer than what is live.
+    pub fn publish_taxonomy(&self, taxonomy: Taxonomy, prototype: Option<Head>) {
+        self.state.send_if_modified(|cur| {
+            if taxonomy.seq < cur.taxonomy.seq {
+                return false;
+            }
+            let mut next = HeadSet::clone(cur);
+            next.taxonomy = Arc::new(taxonomy);
+            next.prototype = prototype.map(Arc::new);
+            *cur = Arc::new(next);
+            true
+        });
+    }
+
+    /// Publishes a trained head if it is newer than the live one of its kind.
+    pub fn publish_head(&self, head: Head) {
+        let kind = head.kind();
+        self.state.send_if_modified(|cur| {
+            if cur
+                .trained
+                .get(&kind)
+                .is_some_and(|h| h.meta.version >= head.meta.version)
+            {
+                return false;
+            }
+            let mut next = HeadSet::clone(cur);
+            next.trained.insert(kind, Arc::new(head));
+            *cur = Arc::new(next);
+            true
+        });
+    }
+
+    /// Records that training on `revision` failed, waking waiters.
+    pub fn publish_failure(&self, revision: u64, why: String) {
+        self.state.send_modify(|cur| {
+            let mut next = HeadSet::clone(cur);
+            next.failed = Some((revision, why));
+            *cur = Arc::new(next);
+        });
+    }
+}
+
+/// Builds the prototype head of a snapshot (`None` without examples).
+pub fn prototype_of(snap: &Snapshot, model: &str, opts: &TrainOptions) -> Result<Option<Head>> {
+    if snap.examples.is_empty() {
+        return Ok(None);
+    }
+    let ts = TrainSet::new(model, &snap.examples, |c| snap.taxonomy.group_of(c))?;
+    let mut head = Head::train(HeadKind::Prototype, &ts, None, opts)?;
+    head.meta.version = snap.taxonomy.prototype_version;
+    head.meta.revision = snap.taxonomy.revision;
+    Ok(Some(head))
+}
+
+/// Every tenant seen since start, loaded from the store on first use.
+pub struct Tenants {
+    store: Arc<Store>,
+    opts: TrainOptions,
+    map: Mutex<HashMap<String, Arc<Tenant>>>,
+}
+
+impl Tenants {
+    pub fn new(store: Arc<Store>, opts: TrainOptions) -> Self {
+        Self {
+            store,
+            opts,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The tenant, loading its taxonomy, prototype and stored heads on first use. The bool is
+    /// true when it was loaded now (the caller may want to schedule training).
+    pub async fn get(&self, name: &str, model: &str) -> Result<(Arc<Tenant>, bool)> {
+        if let Some(t) = self.map.lock().unwrap().get(name) {
+            return Ok((Arc::clone(t), false));
+        }
+        let store = Arc::clone(&self.store);
+        let (tenant, model, opts) = (name.to_string(), model.to_string(), self.opts.clone());
+        let set = tokio::task::spawn_blocking(move || -> Result<HeadSet> {
+            let snap = store.snapshot(&tenant, Some(&model))?;
+            let prototype = prototype_of(&snap, &model, &opts)?.map(Arc::new);
+            let mut trained = HashMap::new();
+            for (kind, bytes) in store.heads(&tenant)? {
+                match Head::from_bytes(&bytes) {
+                    Ok(h) => {
+                        trained.insert(h.kind(), Arc::new(h));
+                    }
+                    Err(e) => tracing::warn!(tenant, kind, error = %e, "skipping unreadable head"),
+                }
+            }
+            Ok(HeadSet {
+                taxonomy: Arc::new(snap.taxonomy),
+                prototype,
+                trained,
+                failed: None,
+            })
+        })
+        .await
+        .map_err(|e| Error::Store(format!("loading tenant: {e}")))??;
+        let mut map = self.map.lock().unwrap();
+        if let Some(t) = map.get(name) {
+            return Ok((Arc::clone(t), false)); // loaded concurrently
+        }
+        let (state, _) = watch::channel(Arc::new(set));
+        let t = Arc::new(Tenant {
+            name: name.to_string(),
+            state,
+            train_lock: tokio::sync::Mutex::new(()),
+            job: Mutex::new((false, false)),
+        });
+        map.insert(name.to_string(), Arc::clone(&t));
+        Ok((t, true))
+    }
+
+    /// Re-reads the tenant after a write and publishes the new taxonomy and prototype.
+    pub async fn refresh(&self, tenant: &Arc<Tenant>, model: &str) -> Result<()> {
+        let store = Arc::clone(&self.store);
+        let (name, model, opts) = (tenant.name.clone(), model.to_string(), self.opts.clone());
+        let (taxonomy, prototype) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let snap = store.snapshot(&name, Some(&model))?;
+            let proto = prototype_of(&snap, &model, &opts)?;
+            Ok((snap.taxonomy, proto))
+        })
+        .await
+        .map_err(|e| Error::Store(format!("refreshing tenant: {e}")))??;
+        tenant.publish_taxonomy(taxonomy, prototype);
+        Ok(())
+    }
+}

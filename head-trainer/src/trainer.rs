@@ -1,0 +1,135 @@
+//! Training jobs: one per tenant at a time, off the async runtime, coalesced.
+//!
+//! An Enroll asks for a job with [`Trainer::schedule`]. If the tenant has none running, one
+//! starts; if one is running, a flag asks for one more after it, so ten enrolls during a job
+//! give one more job (trained on all ten), not ten. A job reads a snapshot of the examples,
+//! trains on the blocking pool (tensor code must not stall the reactor), saves the head in one
+//! transaction (so a crash or shutdown mid-job persists nothing half-done) and only then
+//! publishes it. The Train RPC runs through the same per-tenant lock.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::heads::{Head, HeadKind, TrainOptions, TrainSet};
+use crate::store::Store;
+use crate::tenants::Tenant;
+use crate::{Error, Result};
+
+/// Schedules and runs training jobs.
+pub struct Trainer {
+    store: Arc<Store>,
+    opts: TrainOptions,
+    default_kind: HeadKind,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Trainer {
+    pub fn new(store: Arc<Store>, opts: TrainOptions, default_kind: HeadKind) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            opts,
+            default_kind,
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Asks for the default head of `tenant` to be retrained on its current examples.
+    pub fn schedule(self: &Arc<Self>, tenant: &Arc<Tenant>, model: &str) {
+        if !self.default_kind.is_trained() || self.shutdown.is_cancelled() {
+            return;
+        }
+        {
+            let mut job = tenant.job.lock().unwrap();
+            if job.0 {
+                job.1 = true; // coalesced into the next job
+                return;
+            }
+            *job = (true, false);
+        }
+        let (this, tenant, model) = (Arc::clone(self), Arc::clone(tenant), model.to_string());
+        self.tracker.spawn(async move {
+            loop {
+                if this.shutdown.is_cancelled() {
+                    break;
+                }
+                let kind = this.default_kind;
+                if let Err(e) = this.train(&tenant, &model, kind).await {
+                    tracing::warn!(tenant = %tenant.name, %kind, error = %e, "training failed");
+                    let revision = tenant.current().taxonomy.revision;
+                    tenant.publish_failure(revision, e.to_string());
+                }
+                let mut job = tenant.job.lock().unwrap();
+                if job.1 && !this.shutdown.is_cancelled() {
+                    job.1 = false;
+                } else {
+                    *job = (false, false);
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Trains a head of `kind` on the tenant's current examples now (waiting for a running
+    /// job first), saves it and makes it live. Returns the head, or `NoClasses`.
+    pub async fn train(
+        &self,
+        tenant: &Arc<Tenant>,
+        model: &str,
+        kind: HeadKind,
+    ) -> Result<Arc<Head>> {
+        let _one_at_a_time = tenant.train_lock.lock().await;
+        let previous = tenant.current().trained.get(&kind).cloned();
+        let (store, opts) = (Arc::clone(&self.store), self.opts.clone());
+        let (name, model) = (tenant.name.clone(), model.to_string());
+        let head = tokio::task::spawn_blocking(move || -> Result<Head> {
+            let started = Instant::now();
+            let snap = store.snapshot(&name, Some(&model))?;
+            if snap.examples.is_empty() {
+                return Err(Error::NoClasses(name));
+            }
+            let ts = TrainSet::new(&model, &snap.examples, |c| snap.taxonomy.group_of(c))?;
+            let mut head = Head::train(kind, &ts, previous.as_deref(), &opts)?;
+            head.meta.revision = snap.taxonomy.revision;
+            if kind == HeadKind::Prototype {
+                head.meta.version = snap.taxonomy.prototype_version;
+                return Ok(head);
+            }
+            let version = store.save_head(&name, kind.as_str(), |v| {
+                head.meta.version = v;
+                head.to_bytes()
+            })?;
+            head.meta.version = version;
+            tracing::info!(
+                tenant = %name, %kind, version, classes = ts.classes.len(), examples = ts.len(),
+                steps = head.meta.steps, train_ms = head.meta.train_ms,
+                job_ms = started.elapsed().as_secs_f64() * 1e3, "head trained"
+            );
+            Ok(head)
+        })
+        .await
+        .map_err(|e| Error::Store(format!("training task: {e}")))??;
+        if kind == HeadKind::Prototype {
+            return Ok(Arc::new(head));
+        }
+        tenant.publish_head(head);
+        tenant.current().head(kind)
+    }
+
+    /// Stops starting jobs and waits for running ones to finish (they save whole heads or
+    /// nothing), at most `grace`.
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("training jobs still running at shutdown; their heads are not saved");
+        }
+    }
+}
