@@ -70,7 +70,9 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<image::RgbImage> {
             limit: limits.max_bytes,
         });
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    // Our own pixel check below gives the clearer error; the decoder's limits come after it.
+    reader.no_limits();
     let Some(format) = reader.format() else {
         return Err(Error::UnsupportedFormat(
             "unrecognised file signature".into(),
@@ -152,4 +154,143 @@ fn crop_normalize(rgb: &[u8], w: usize, h: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const PHOTO: &[u8] = include_bytes!("../tests/fixtures/images/a_photo.jpg");
+
+    #[test]
+    fn sizes_follow_torchvision() {
+        assert_eq!(resized_size(900, 160), (1440, 256));
+        assert_eq!(resized_size(48, 40), (307, 256));
+        assert_eq!(resized_size(300, 451), (256, 384));
+        assert_eq!(crop_offset(257), 16); // 16.5 -> 16, not 17
+        assert_eq!(crop_offset(259), 18); // 17.5 -> 18
+        assert_eq!(crop_offset(256), 16);
+        assert_eq!(crop_offset(225), 0); // 0.5 -> 0
+    }
+
+    #[test]
+    fn good_photo_gives_a_full_tensor() {
+        let t = preprocess(PHOTO, &Limits::default()).expect("fixture decodes");
+        assert_eq!(t.len(), 3 * INPUT_SIZE * INPUT_SIZE);
+        assert!(t.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn empty_bytes() {
+        assert!(matches!(
+            preprocess(&[], &Limits::default()),
+            Err(Error::EmptyImage)
+        ));
+    }
+
+    #[test]
+    fn not_an_image() {
+        let r = preprocess(
+            b"hello, this is plainly not an image at all",
+            &Limits::default(),
+        );
+        assert!(matches!(r, Err(Error::UnsupportedFormat(_))), "{r:?}");
+    }
+
+    #[test]
+    fn format_not_compiled_in() {
+        // A Radiance HDR signature: recognised by `image`, but not a format we enable.
+        let r = preprocess(
+            b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 2 +X 2\n",
+            &Limits::default(),
+        );
+        assert!(matches!(r, Err(Error::UnsupportedFormat(_))), "{r:?}");
+    }
+
+    #[test]
+    fn truncated_jpeg_is_an_error_not_a_panic() {
+        for cut in [20, 200, 600] {
+            let r = preprocess(&PHOTO[..cut], &Limits::default());
+            assert!(matches!(r, Err(Error::Decode(_))), "cut at {cut}: {r:?}");
+        }
+        // Cut inside the entropy-coded data: decoders may fill the rest, but must not panic.
+        for cut in [PHOTO.len() / 3, PHOTO.len() / 2, PHOTO.len() - 10] {
+            let _ = preprocess(&PHOTO[..cut], &Limits::default());
+        }
+    }
+
+    #[test]
+    fn over_max_bytes() {
+        let limits = Limits {
+            max_bytes: 1000,
+            ..Limits::default()
+        };
+        let r = preprocess(PHOTO, &limits);
+        assert!(
+            matches!(r, Err(Error::ImageTooLarge { limit: 1000, .. })),
+            "{r:?}"
+        );
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend(kind);
+        out.extend(data);
+        let crc = crc32(&out[start..]);
+        out.extend(crc.to_be_bytes());
+    }
+
+    /// A PNG whose header claims 30000x30000 RGB (2.7 GB decoded) but carries almost no data.
+    fn bomb_png() -> Vec<u8> {
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend(30_000u32.to_be_bytes());
+        ihdr.extend(30_000u32.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter, no interlace
+        png_chunk(&mut png, b"IHDR", &ihdr);
+        png_chunk(
+            &mut png,
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        );
+        png_chunk(&mut png, b"IEND", &[]);
+        png
+    }
+
+    #[test]
+    fn decompression_bomb_rejected_from_the_header() {
+        let start = Instant::now();
+        let r = preprocess(&bomb_png(), &Limits::default());
+        let elapsed = start.elapsed();
+        match r {
+            Err(Error::TooManyPixels {
+                width: 30_000,
+                height: 30_000,
+                pixels,
+                limit,
+            }) => {
+                assert_eq!((pixels, limit), (900_000_000, 40_000_000));
+            }
+            other => panic!("expected TooManyPixels, got {other:?}"),
+        }
+        assert!(elapsed < Duration::from_millis(200), "took {elapsed:?}");
+    }
 }
