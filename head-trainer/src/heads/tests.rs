@@ -1,1 +1,170 @@
+//! Head tests on synthetic, separable embeddings: each kind learns, training is
+//! reproducible, warm starts keep old classes right, heads survive (de)serialisation and
+//! refuse another model's embeddings.
 
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::*;
+
+const M: &str = "test@sha256:00";
+const DIM: usize = 32;
+
+/// `per` noisy points around one random centre per class; class c's group is c / 2 + 100.
+fn blobs(classes: usize, per: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let centres: Vec<Vec<f32>> = (0..classes)
+        .map(|c| {
+            let mut centre_rng = StdRng::seed_from_u64(1000 + c as u64);
+            (0..DIM)
+                .map(|_| centre_rng.random_range(0.0..4.0))
+                .collect()
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for (c, centre) in centres.iter().enumerate() {
+        for _ in 0..per {
+            rows.push((
+                c as u64,
+                centre
+                    .iter()
+                    .map(|x| x + rng.random_range(-0.5..0.5))
+                    .collect(),
+            ));
+        }
+    }
+    rows
+}
+
+fn group(c: u64) -> u64 {
+    c / 2 + 100
+}
+
+fn accuracy(head: &Head, rows: &[(u64, Vec<f32>)]) -> f32 {
+    let right = rows
+        .iter()
+        .filter(|(c, x)| {
+            let p = head.predict(M, x).unwrap().probs;
+            let best = p
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            head.meta.classes[best] == *c
+        })
+        .count();
+    right as f32 / rows.len() as f32
+}
+
+#[test]
+fn every_kind_learns_a_separable_problem() {
+    let train = TrainSet::new(M, &blobs(6, 5, 1), group).unwrap();
+    let test = blobs(6, 20, 2);
+    for kind in HeadKind::ALL {
+        let head = Head::train(kind, &train, None, &TrainOptions::default()).unwrap();
+        let acc = accuracy(&head, &test);
+        assert!(acc > 0.95, "{kind}: accuracy {acc}");
+        let p = head.predict(M, &test[0].1).unwrap();
+        assert!((p.probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        if kind == HeadKind::Hierarchical {
+            let pb = p.parent_branch.unwrap();
+            assert_eq!(pb.len(), 3);
+            let best = pb
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(head.meta.groups[best], group(test[0].0));
+        }
+    }
+}
+
+#[test]
+fn training_is_reproducible() {
+    let train = TrainSet::new(M, &blobs(4, 3, 3), group).unwrap();
+    for kind in [HeadKind::Flat, HeadKind::Hierarchical, HeadKind::Combined] {
+        let opts = TrainOptions {
+            seed: 7,
+            ..TrainOptions::default()
+        };
+        let a = Head::train(kind, &train, None, &opts).unwrap();
+        let b = Head::train(kind, &train, None, &opts).unwrap();
+        let x = &blobs(4, 1, 9)[0].1;
+        assert_eq!(
+            a.predict(M, x).unwrap().probs,
+            b.predict(M, x).unwrap().probs,
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn warm_start_keeps_old_classes_right() {
+    let old_rows = blobs(4, 5, 4);
+    let old = TrainSet::new(M, &old_rows, group).unwrap();
+    let mut all = old_rows.clone();
+    all.extend(blobs(6, 5, 5).into_iter().filter(|(c, _)| *c >= 4));
+    let new = TrainSet::new(M, &all, group).unwrap();
+    let test = blobs(6, 10, 6);
+    for kind in [HeadKind::Flat, HeadKind::Hierarchical, HeadKind::Combined] {
+        let first = Head::train(kind, &old, None, &TrainOptions::default()).unwrap();
+        let opts = TrainOptions {
+            max_steps: 30,
+            ..TrainOptions::default()
+        };
+        let warm = Head::train(kind, &new, Some(&first), &opts).unwrap();
+        assert_eq!(warm.meta.classes.len(), 6);
+        let old_test: Vec<_> = test.iter().filter(|(c, _)| *c < 4).cloned().collect();
+        assert!(
+            accuracy(&warm, &old_test) > 0.95,
+            "{kind}: old classes forgotten"
+        );
+        assert!(
+            accuracy(&warm, &test) > 0.9,
+            "{kind}: new classes not learnt"
+        );
+    }
+}
+
+#[test]
+fn heads_round_trip_and_refuse_other_models() {
+    let train = TrainSet::new(M, &blobs(3, 4, 8), group).unwrap();
+    let x = &blobs(3, 1, 11)[2].1;
+    for kind in HeadKind::ALL {
+        let mut head = Head::train(kind, &train, None, &TrainOptions::default()).unwrap();
+        head.meta.version = 42;
+        let back = Head::from_bytes(&head.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.meta.version, 42);
+        assert_eq!(back.kind(), kind);
+        assert_eq!(
+            back.predict(M, x).unwrap().probs,
+            head.predict(M, x).unwrap().probs
+        );
+        let e = head.predict("resnet18@sha256:ff", x).unwrap_err();
+        assert!(matches!(e, Error::ModelMismatch { .. }), "{kind}: {e}");
+    }
+}
+
+#[test]
+fn prototype_similarity_separates_known_from_unknown() {
+    let train = TrainSet::new(M, &blobs(4, 5, 12), group).unwrap();
+    let head = Head::train(HeadKind::Prototype, &train, None, &TrainOptions::default()).unwrap();
+    let known = head
+        .predict(M, &blobs(4, 1, 13)[0].1)
+        .unwrap()
+        .similarity
+        .unwrap();
+    // A point pointing away from every class once centred.
+    let mean: Vec<f32> = (0..DIM)
+        .map(|i| train.x.iter().skip(i).step_by(DIM).sum::<f32>() / train.len() as f32)
+        .collect();
+    let far: Vec<f32> = mean
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m + if i % 2 == 0 { 3.0 } else { -3.0 })
+        .collect();
+    let unknown = head.predict(M, &far).unwrap().similarity.unwrap();
+    assert!(known > 0.8, "known {known}");
+    assert!(unknown < known - 0.3, "unknown {unknown} vs known {known}");
+}

@@ -1,1 +1,149 @@
+//! Store tests: transactions, tenant isolation, rename/remove without photos, reopen.
 
+use super::*;
+
+const M: &str = "mobilenet_v2@sha256:00";
+
+fn h(i: u8) -> Hash {
+    [i; 32]
+}
+
+fn write<'a>(class: &'a str, parent: Option<&'a str>, photos: &[u8]) -> EnrollWrite<'a> {
+    EnrollWrite {
+        class_name: class,
+        parent,
+        model: M,
+        examples: photos
+            .iter()
+            .map(|&i| (h(i), vec![f32::from(i); 4]))
+            .collect(),
+    }
+}
+
+#[test]
+fn enroll_creates_class_parent_and_examples_in_one_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let o = s
+        .enroll("t", &write("beagle", Some("dog"), &[1, 2, 3]))
+        .unwrap();
+    assert_eq!(o.examples, 3);
+    assert_eq!(o.parent.as_deref(), Some("dog"));
+    let snap = s.snapshot("t", Some(M)).unwrap();
+    let tax = &snap.taxonomy;
+    let dog = tax.by_name("dog").unwrap();
+    let beagle = tax.by_name("beagle").unwrap();
+    assert_eq!(beagle.parent, Some(dog.id));
+    assert!(tax.is_parent(dog.id));
+    assert_eq!(tax.examples_under(dog.id), 3);
+    assert_eq!(tax.leaves(), vec![beagle.id]);
+    assert_eq!(snap.examples.len(), 3);
+    assert_eq!(s.embedding("t", &h(2), M).unwrap(), Some(vec![2.0; 4]));
+    // The same photos again: still three examples.
+    assert_eq!(
+        s.enroll("t", &write("beagle", None, &[1, 2]))
+            .unwrap()
+            .examples,
+        3
+    );
+}
+
+#[test]
+fn failed_enroll_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.enroll("t", &write("beagle", Some("dog"), &[1])).unwrap();
+    // A parent cannot receive photos, and a class cannot change parent: both abort whole.
+    assert!(s.enroll("t", &write("dog", None, &[9])).is_err());
+    assert!(s.enroll("t", &write("beagle", Some("cat"), &[8])).is_err());
+    let snap = s.snapshot("t", Some(M)).unwrap();
+    assert!(
+        snap.taxonomy.by_name("cat").is_none(),
+        "no parent created by a failed enroll"
+    );
+    assert_eq!(snap.examples.len(), 1);
+    assert_eq!(s.embedding("t", &h(8), M).unwrap(), None);
+}
+
+#[test]
+fn tenants_are_isolated() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.enroll("a", &write("x", None, &[1])).unwrap();
+    s.enroll("ab", &write("y", None, &[2])).unwrap();
+    let a = s.snapshot("a", Some(M)).unwrap();
+    assert_eq!(a.taxonomy.classes.len(), 1);
+    assert_eq!(a.examples.len(), 1);
+    assert_eq!(s.embedding("a", &h(2), M).unwrap(), None);
+    assert!(s.remove_class("a", "y", false).is_err());
+    assert!(
+        s.snapshot("b", Some(M))
+            .unwrap()
+            .taxonomy
+            .classes
+            .is_empty()
+    );
+}
+
+#[test]
+fn rename_and_remove_need_no_photos_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.enroll("t", &write("beagle", Some("dog"), &[1, 2]))
+            .unwrap();
+        s.enroll("t", &write("pug", Some("dog"), &[3, 2])).unwrap();
+        s.enroll("t", &write("tabby", Some("cat"), &[4])).unwrap();
+        let id = s
+            .snapshot("t", None)
+            .unwrap()
+            .taxonomy
+            .by_name("pug")
+            .unwrap()
+            .id;
+        s.rename_class("t", "pug", "mops").unwrap();
+        let tax = s.snapshot("t", None).unwrap().taxonomy;
+        assert_eq!(tax.by_name("mops").unwrap().id, id, "rename keeps the id");
+        assert_eq!(tax.by_name("mops").unwrap().examples, 2);
+        assert!(matches!(
+            s.rename_class("t", "mops", "beagle"),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.rename_class("t", "nope", "x"),
+            Err(Error::UnknownClass(_))
+        ));
+        assert!(matches!(
+            s.remove_class("t", "dog", false),
+            Err(Error::Precondition(_))
+        ));
+        let r = s.remove_class("t", "dog", true).unwrap();
+        assert_eq!(r.removed_classes.len(), 3);
+        assert_eq!(r.removed_examples, 4);
+        let version = s
+            .save_head("t", "flat", |v| Ok(v.to_le_bytes().to_vec()))
+            .unwrap();
+        assert!(version > 0);
+    }
+    let s = Store::open(dir.path()).unwrap();
+    let snap = s.snapshot("t", Some(M)).unwrap();
+    let names: Vec<_> = snap
+        .taxonomy
+        .classes
+        .values()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(names, vec!["cat", "tabby"]);
+    assert_eq!(snap.examples.len(), 1);
+    assert_eq!(
+        s.embedding("t", &h(2), M).unwrap(),
+        None,
+        "orphaned embeddings dropped"
+    );
+    let heads = s.heads("t").unwrap();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(heads[0].0, "flat");
+    // Ids are never reused.
+    let o = s.enroll("t", &write("new", None, &[7])).unwrap();
+    assert!(o.class_id > 5);
+}
