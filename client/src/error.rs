@@ -108,6 +108,7 @@ fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
             "the server is busy or the message too big: retry later, or send smaller images"
                 .to_string()
         }
+        Code::OutOfRange => "a message exceeded the server's size limit: lower --max-file-mib, or raise the server's --max-photo-bytes".to_string(),
         Code::DeadlineExceeded => "the server took too long: retry, or check its load".to_string(),
         _ => String::new(),
     };

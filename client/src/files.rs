@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Files above this are skipped before upload: far above any photo a phone takes, and the size
-/// a server is configured for (its message limit) rather than an accident.
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 20 * 1024 * 1024;
+/// Files above this many MiB are skipped before upload: far above any photo a phone takes, and
+/// the head-trainer's default `--max-photo-bytes` (its gRPC message limit is 1 MiB above), so a
+/// file we send never breaks the whole stream by exceeding the server's message limit.
+pub const DEFAULT_MAX_FILE_MIB: u64 = 16;
+pub const DEFAULT_MAX_FILE_BYTES: u64 = DEFAULT_MAX_FILE_MIB * 1024 * 1024;
 
 /// Symlinked folders can loop; no photo library is this deep.
 const MAX_DEPTH: usize = 32;

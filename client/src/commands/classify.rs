@@ -23,8 +23,8 @@ pub struct Args {
     /// Which head answers: prototype, flat or hierarchical; the live head when unset.
     #[arg(long, default_value = "")]
     pub head: String,
-    /// Skip files larger than this many MiB.
-    #[arg(long, default_value_t = 20)]
+    /// Skip files larger than this many MiB (keep it at or below the server's photo limit).
+    #[arg(long, default_value_t = files::DEFAULT_MAX_FILE_MIB)]
     pub max_file_mib: u64,
     /// Images: files, folders (recursive) or glob patterns.
     #[arg(value_name = "IMG", required = true)]

@@ -31,8 +31,8 @@ pub struct Args {
     /// Enroll a whole `<parent>/<child>/*.jpg` tree, one class per child folder.
     #[arg(long, value_name = "ROOT")]
     pub dataset: Option<PathBuf>,
-    /// Skip files larger than this many MiB (the server's message limit should be above it).
-    #[arg(long, default_value_t = 20)]
+    /// Skip files larger than this many MiB (keep it at or below the server's photo limit).
+    #[arg(long, default_value_t = files::DEFAULT_MAX_FILE_MIB)]
     pub max_file_mib: u64,
     /// Photos: files, folders (recursive) or glob patterns.
     #[arg(value_name = "PATH", required_unless_present = "dataset")]
@@ -47,8 +47,13 @@ pub struct Enrolled {
     pub elapsed: Duration,
 }
 
-/// Streams `images` as one Enroll call. Shared with the evaluation, which enrolls each child's
-/// k training photos the same way a user would.
+/// Photos per Enroll stream: well under the head-trainer's per-call cap (1000 by default), so a
+/// class folder of any size goes through as a few calls instead of failing as one.
+const PHOTOS_PER_STREAM: usize = 500;
+
+/// Enrolls `images` as one class, in as few Enroll calls as the server's cap allows (one for
+/// any ordinary folder); only the last call waits for the trained head. Shared with the
+/// evaluation, which enrolls each child's k training photos the way a user would.
 pub async fn enroll_class(
     conn: &Conn,
     class: &str,
@@ -58,6 +63,47 @@ pub async fn enroll_class(
     pb: &ProgressBar,
 ) -> Result<Enrolled> {
     let started = Instant::now();
+    let chunks: Vec<&[PathBuf]> = if images.is_empty() {
+        vec![images]
+    } else {
+        images.chunks(PHOTOS_PER_STREAM).collect()
+    };
+    let last = chunks.len() - 1;
+    let mut total: Option<EnrollResponse> = None;
+    let mut unread = Vec::new();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let (r, u) = enroll_stream(conn, class, parent, wait && i == last, chunk, pb).await?;
+        unread.extend(u);
+        total = Some(match total {
+            None => r,
+            Some(mut t) => {
+                t.accepted += r.accepted;
+                t.cached += r.cached;
+                t.rejected.extend(r.rejected);
+                t.examples = r.examples;
+                t.head_version = r.head_version;
+                t.head = r.head;
+                t.time_to_live_ms = r.time_to_live_ms;
+                t
+            }
+        });
+    }
+    Ok(Enrolled {
+        response: total.unwrap_or_default(),
+        unread,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// One Enroll call: the start message, then the photos as they are read from disk.
+async fn enroll_stream(
+    conn: &Conn,
+    class: &str,
+    parent: &str,
+    wait: bool,
+    images: &[PathBuf],
+    pb: &ProgressBar,
+) -> Result<(EnrollResponse, Vec<Skipped>)> {
     // A small buffer: the bar then tracks what was handed to the transport, not what was read.
     let (tx, rx) = mpsc::channel(2);
     let start = EnrollRequest {
@@ -104,11 +150,7 @@ pub async fn enroll_class(
         .map_err(conn.rpc_error("Enroll"))?
         .into_inner();
     let unread = feeder.await.unwrap_or_default();
-    Ok(Enrolled {
-        response,
-        unread,
-        elapsed: started.elapsed(),
-    })
+    Ok((response, unread))
 }
 
 #[derive(Serialize)]
