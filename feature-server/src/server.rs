@@ -16,7 +16,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, Loader};
 use crate::error::{Error, Result};
 use crate::service::FeaturesService;
 
@@ -43,6 +43,13 @@ impl Server {
     /// Validates the config and starts the engine thread (loading happens there).
     pub fn new(config: Config) -> Result<Self> {
         let engine = Engine::spawn(&config)?;
+        Ok(Self { config, engine })
+    }
+
+    /// A server whose model comes from `loader` instead of `config.weights`: tests and benches
+    /// use it for a cheap stand-in behind the real queue, batcher and service.
+    pub fn with_model(config: Config, loader: Loader) -> Result<Self> {
+        let engine = Engine::spawn_with(&config, loader)?;
         Ok(Self { config, engine })
     }
 

@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::engine::{Engine, ModelMeta};
+use crate::engine::{Engine, ModelMeta, StreamGuard};
 use crate::error::Error;
 
 /// The service state shared by every call.
@@ -91,6 +91,7 @@ impl Features for FeaturesService {
             model: meta.model.clone(),
             inflight,
             shutdown: self.shutdown.clone(),
+            _open: self.engine.stream_guard(),
         };
         tokio::spawn(driver.run(timeout).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -120,6 +121,8 @@ struct StreamDriver {
     model: String,
     inflight: usize,
     shutdown: CancellationToken,
+    /// Counted as open until the driver ends, however it ends.
+    _open: StreamGuard,
 }
 
 impl StreamDriver {

@@ -15,7 +15,6 @@ use tokio::sync::oneshot;
 
 use super::stats::{Gate, Stats};
 use crate::error::{Error, Result};
-use crate::models::Backbone;
 use crate::preprocess::INPUT_SIZE;
 
 /// Floats in one preprocessed image.
@@ -31,7 +30,7 @@ pub(crate) struct Job {
 
 /// The model and what the loop needs beside it.
 pub(crate) struct Batcher {
-    pub model: Backbone,
+    pub model: Box<dyn super::Model>,
     pub device: Device,
     pub max_batch: usize,
     pub max_wait: Duration,
@@ -110,7 +109,10 @@ impl Batcher {
             input.extend_from_slice(&pixels);
             replies.push(reply);
         }
-        match self.forward(input, n) {
+        let result = self.forward(input, n);
+        // Counted before anyone is answered, so a client that has its answer sees the count.
+        self.stats.record(n);
+        match result {
             Ok(rows) => {
                 for (row, reply) in rows.into_iter().zip(replies) {
                     let _ = reply.send(Ok(row));
@@ -124,7 +126,6 @@ impl Batcher {
                 }
             }
         }
-        self.stats.record(n);
         tracing::debug!(
             batch = n,
             ms = started.elapsed().as_secs_f64() * 1e3,

@@ -18,7 +18,7 @@ mod stats;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
 use self::batcher::{Batcher, ITEM_LEN, Job};
@@ -62,7 +62,10 @@ struct Inner {
     tx: Mutex<Option<SyncSender<Job>>>,
     slots: Arc<Semaphore>,
     capacity: usize,
+    /// Items sent to the engine thread and not yet taken into a batch.
     depth: Arc<watch::Sender<usize>>,
+    /// `Embed` streams open.
+    streams: Arc<watch::Sender<usize>>,
     decoders: Arc<Semaphore>,
     limits: Limits,
     state: watch::Receiver<State>,
@@ -72,15 +75,28 @@ struct Inner {
 }
 
 impl Engine {
-    /// Starts the engine thread, which loads the weights and runs a warm-up batch; watch
-    /// [`Engine::ready`] for the outcome. Returns at once.
+    /// Starts the engine thread, which loads the configured weights and runs a warm-up batch;
+    /// watch [`Engine::ready`] for the outcome. Returns at once.
     pub fn spawn(config: &Config) -> Result<Engine> {
+        let (kind, weights) = (config.backbone, config.weights.clone());
+        Self::spawn_with(
+            config,
+            Box::new(move |device| {
+                let (model, sha) = Backbone::load(kind, &weights, device)?;
+                Ok((Box::new(model) as Box<dyn Model>, sha))
+            }),
+        )
+    }
+
+    /// Like [`Engine::spawn`], with the model made by `loader` on the engine thread: tests and
+    /// benches use it to put a cheap stand-in behind the real queue, batcher and service.
+    pub fn spawn_with(config: &Config, loader: Loader) -> Result<Engine> {
         config.validate()?;
         let (tx, rx) = sync_channel::<Job>(config.queue_capacity);
         let (state_tx, state) = watch::channel(State::Loading);
         let stats = Arc::new(Stats::default());
         let gate = Arc::new(Gate::default());
-        let (kind, weights, choice) = (config.backbone, config.weights.clone(), config.device);
+        let (kind, choice) = (config.backbone, config.device);
         let (max_batch, max_wait) = (config.max_batch, config.max_wait);
         let (thread_stats, thread_gate) = (stats.clone(), gate.clone());
         let thread = std::thread::Builder::new()
@@ -89,7 +105,7 @@ impl Engine {
                 let started = std::time::Instant::now();
                 let loaded = (|| {
                     let device = make_device(choice)?;
-                    let (model, sha) = Backbone::load(kind, &weights, &device)?;
+                    let (model, sha) = loader(&device)?;
                     let batcher = Batcher {
                         model,
                         device,
@@ -135,6 +151,7 @@ impl Engine {
                 slots: Arc::new(Semaphore::new(config.queue_capacity)),
                 capacity: config.queue_capacity,
                 depth: Arc::new(watch::Sender::new(0)),
+                streams: Arc::new(watch::Sender::new(0)),
                 decoders: Arc::new(Semaphore::new(config.decode_threads)),
                 limits: config.limits,
                 state,
@@ -207,10 +224,14 @@ impl Engine {
             .acquire_owned()
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        Ok(QueueSlot::new(permit, self.inner.depth.clone()))
+        Ok(QueueSlot {
+            _permit: permit,
+            queued: None,
+        })
     }
 
-    fn send(&self, job: Job) -> Result<()> {
+    fn send(&self, mut job: Job) -> Result<()> {
+        job.slot.mark_queued(&self.inner.depth);
         let guard = self.inner.tx.lock().unwrap_or_else(|p| p.into_inner());
         let tx = guard.as_ref().ok_or(Error::ShuttingDown)?;
         // Never blocks: the job holds one of `capacity` slots and the channel has `capacity`
@@ -232,9 +253,21 @@ impl Engine {
         self.inner.capacity
     }
 
-    /// Items holding a queue slot (decoding or waiting for the engine), as it changes.
+    /// Items decoded and waiting for the engine thread, as it changes. Items still decoding
+    /// hold a queue slot ([`Engine::is_full`]) but are not counted here.
     pub fn queue_depth(&self) -> watch::Receiver<usize> {
         self.inner.depth.subscribe()
+    }
+
+    /// Open `Embed` streams, as it changes: a cancelled stream must bring it back down.
+    pub fn open_streams(&self) -> watch::Receiver<usize> {
+        self.inner.streams.subscribe()
+    }
+
+    /// Counts a stream as open until the guard drops.
+    pub fn stream_guard(&self) -> StreamGuard {
+        self.inner.streams.send_modify(|n| *n += 1);
+        StreamGuard(self.inner.streams.clone())
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -278,27 +311,57 @@ impl Engine {
     }
 }
 
-/// One of the `queue_capacity` places; counted in [`Engine::queue_depth`] while held.
+/// One of the `queue_capacity` places, held from before decoding until the engine takes the
+/// item; counted in [`Engine::queue_depth`] once the item is in the channel.
 pub(crate) struct QueueSlot {
     _permit: OwnedSemaphorePermit,
-    depth: Arc<watch::Sender<usize>>,
+    queued: Option<Arc<watch::Sender<usize>>>,
 }
 
 impl QueueSlot {
-    fn new(permit: OwnedSemaphorePermit, depth: Arc<watch::Sender<usize>>) -> Self {
+    fn mark_queued(&mut self, depth: &Arc<watch::Sender<usize>>) {
         depth.send_modify(|d| *d += 1);
-        Self {
-            _permit: permit,
-            depth,
-        }
+        self.queued = Some(depth.clone());
     }
 }
 
 impl Drop for QueueSlot {
     fn drop(&mut self) {
-        self.depth.send_modify(|d| *d = d.saturating_sub(1));
+        if let Some(depth) = &self.queued {
+            depth.send_modify(|d| *d = d.saturating_sub(1));
+        }
     }
 }
+
+/// Keeps one stream counted in [`Engine::open_streams`].
+pub struct StreamGuard(Arc<watch::Sender<usize>>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// What the engine thread runs: a backbone, or in tests and benches a cheap stand-in.
+pub trait Model: Send {
+    /// `[N, 3, 224, 224]` -> `[N, dim]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+    fn dim(&self) -> usize;
+}
+
+impl Model for Backbone {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Backbone::forward(self, x)
+    }
+
+    fn dim(&self) -> usize {
+        Backbone::dim(self)
+    }
+}
+
+/// Makes the model on the engine thread, for the given device: the model and the sha256 that
+/// identifies its weights.
+pub type Loader = Box<dyn FnOnce(&Device) -> Result<(Box<dyn Model>, String)> + Send>;
 
 /// The candle device for a choice; CUDA only in builds with the `cuda` feature.
 fn make_device(choice: DeviceChoice) -> Result<Device> {

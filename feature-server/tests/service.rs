@@ -1,0 +1,354 @@
+//! The `taxon.v1.Features` service end to end, in-process over real gRPC: health, reflection,
+//! `Info`, embeddings equal to the in-process backbone's, batching across streams, a 10,000
+//! item stream, cancellation, admission control, deadlines and graceful shutdown.
+//!
+//! Backbone tests use MobileNetV2 formula weights (about 6x cheaper than ResNet18); protocol
+//! tests that need many items use the `ChannelMeans` stand-in behind the real engine.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use feature_server::Config;
+use feature_server::models::{Backbone, BackboneKind};
+use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess};
+use taxon_proto::v1::InfoRequest;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_serving_after_warm_up_and_reflection_lists_the_service() {
+    let server = TestServer::stand_in(small_config()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["taxon.v1.Features", ""] {
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        within("SERVING", async {
+            while let Some(update) = watch.message().await.expect("health update") {
+                if update.status == ServingStatus::Serving as i32 {
+                    return;
+                }
+            }
+            panic!("health stream ended before SERVING");
+        })
+        .await;
+    }
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a service list: {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"taxon.v1.Features".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_and_embeddings_match_the_in_process_backbone() {
+    let server = TestServer::real(BackboneKind::MobileNetV2, small_config()).await;
+    let mut client = server.client().await;
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.backbone, "mobilenet_v2");
+    assert_eq!(info.dim as usize, BackboneKind::MobileNetV2.dim());
+    assert_eq!(info.device, "cpu");
+    assert_eq!(info.max_batch, 8);
+    assert_eq!(info.weights_sha256.len(), 64);
+    assert_eq!(
+        info.model,
+        taxon_proto::model_identity("mobilenet_v2", &info.weights_sha256)
+    );
+    assert_eq!(info.max_image_bytes, Limits::default().max_bytes as u64);
+
+    let images = [
+        std::fs::read(fixture("a_photo.jpg")).expect("fixture"),
+        std::fs::read(fixture("d_alpha.png")).expect("fixture"),
+        jpeg(300, 200, 1),
+    ];
+    let requests = images
+        .iter()
+        .enumerate()
+        .map(|(i, b)| request(format!("img{i}"), b.clone()))
+        .collect();
+    let answers = embed_all(&mut client, requests).await;
+    assert!(answers.end.is_none(), "{:?}", answers.end);
+    assert!(answers.models.iter().all(|m| *m == info.model));
+
+    let (dir, weights) = formula_weights(BackboneKind::MobileNetV2);
+    let (backbone, sha) =
+        Backbone::load(BackboneKind::MobileNetV2, &weights, &Device::Cpu).expect("load");
+    assert_eq!(sha, info.weights_sha256);
+    for (i, bytes) in images.iter().enumerate() {
+        let pixels = preprocess(bytes, &Limits::default()).expect("preprocess");
+        let x =
+            Tensor::from_vec(pixels, (1, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu).expect("tensor");
+        let expected = backbone
+            .forward(&x)
+            .and_then(|y| y.to_vec2::<f32>())
+            .expect("forward");
+        let got = answers.items[&format!("img{i}")]
+            .as_ref()
+            .expect("embedded");
+        let diff = relative_diff(got, &expected[0]);
+        assert!(diff < 1e-4, "img{i}: relative difference {diff}");
+    }
+    drop(dir);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+fn formula_weights(kind: BackboneKind) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.safetensors");
+    feature_server::weights::formula::write_safetensors(kind, &path).expect("formula weights");
+    (dir, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_from_concurrent_streams_share_one_batch() {
+    let server = TestServer::real(BackboneKind::MobileNetV2, small_config()).await;
+    // Hold the engine so that all eight items are queued before it forms a batch.
+    server.engine.pause();
+    let mut streams = Vec::new();
+    for s in 0..4u32 {
+        let mut client = server.client().await;
+        let requests = (0..2u32)
+            .map(|i| request(format!("s{s}-{i}"), png(64, 48, s * 2 + i)))
+            .collect();
+        streams.push(tokio::spawn(async move {
+            embed_all(&mut client, requests).await
+        }));
+    }
+    let mut depth = server.engine.queue_depth();
+    within("8 queued items", depth.wait_for(|d| *d == 8))
+        .await
+        .expect("depth");
+    assert_eq!(server.engine.stats().batches, 0);
+    server.engine.resume();
+    for stream in streams {
+        let answers = stream.await.expect("stream task");
+        assert!(answers.end.is_none(), "{:?}", answers.end);
+        assert_eq!(answers.items.len(), 2);
+        assert!(answers.items.values().all(Result::is_ok));
+    }
+    let stats = server.engine.stats();
+    assert_eq!(stats.items, 8);
+    assert_eq!(stats.largest_batch, 8, "{stats:?}");
+    assert_eq!(stats.batches, 1, "{stats:?}");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_ten_thousand_items_is_answered_exactly_once_each() {
+    let config = Config {
+        max_batch: 16,
+        queue_capacity: 64,
+        max_inflight_per_stream: 32,
+        ..small_config()
+    };
+    let server = TestServer::stand_in(config).await;
+    let mut client = server.client().await;
+    let image = png(8, 8, 7);
+    let requests: Vec<_> = (0..10_000)
+        .map(|i| request(i.to_string(), image.clone()))
+        .collect();
+    let answers = within("10,000 answers", embed_all(&mut client, requests)).await;
+    assert!(answers.end.is_none(), "{:?}", answers.end);
+    assert_eq!(answers.duplicates, 0);
+    assert_eq!(answers.items.len(), 10_000);
+    let ids: HashSet<_> = answers.items.keys().cloned().collect();
+    assert!((0..10_000).all(|i| ids.contains(&i.to_string())));
+    assert!(
+        answers
+            .items
+            .values()
+            .all(|a| a.as_ref().is_ok_and(|v| v.len() == 3))
+    );
+    let stats = server.engine.stats();
+    assert_eq!(stats.items, 10_000);
+    assert!(stats.largest_batch <= 16, "{stats:?}");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_frees_everything_and_others_are_served() {
+    let server = TestServer::stand_in(small_config()).await;
+    server.engine.pause();
+    let mut client = server.client().await;
+    let (tx, rx) = mpsc::channel(8);
+    let response = client
+        .embed(ReceiverStream::new(rx))
+        .await
+        .expect("stream accepted");
+    for i in 0..3 {
+        tx.send(request(format!("c{i}"), png(16, 16, i)))
+            .await
+            .expect("send");
+    }
+    let mut depth = server.engine.queue_depth();
+    within("3 queued items", depth.wait_for(|d| *d == 3))
+        .await
+        .expect("depth");
+    // Cancel: drop both halves of the call while its items sit in the queue.
+    drop(response);
+    drop(tx);
+    let mut open = server.engine.open_streams();
+    within("the stream to close", open.wait_for(|n| *n == 0))
+        .await
+        .expect("streams");
+    server.engine.resume();
+    within("the queue to drain", depth.wait_for(|d| *d == 0))
+        .await
+        .expect("depth");
+    assert!(!server.engine.is_full());
+
+    let answers = embed_all(&mut client, vec![request("after", png(16, 16, 9))]).await;
+    assert!(answers.end.is_none(), "{:?}", answers.end);
+    assert!(answers.items["after"].is_ok());
+    // The cancelled items were skipped, not embedded for no one.
+    assert_eq!(server.engine.stats().items, 1);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_new_streams_while_existing_ones_wait() {
+    let config = Config {
+        queue_capacity: 4,
+        max_batch: 2,
+        ..small_config()
+    };
+    let server = TestServer::stand_in(config).await;
+    server.engine.pause();
+    let mut client = server.client().await;
+    // Five items: four fill the queue, the fifth waits for a slot inside its stream.
+    let requests = (0..5)
+        .map(|i| request(format!("q{i}"), png(16, 16, i)))
+        .collect();
+    let mut first = client.clone();
+    let waiting = tokio::spawn(async move { embed_all(&mut first, requests).await });
+    let mut depth = server.engine.queue_depth();
+    within("a full queue", depth.wait_for(|d| *d == 4))
+        .await
+        .expect("depth");
+    assert!(server.engine.is_full());
+
+    let refused = client
+        .embed(tokio_stream::iter(vec![request("new", png(16, 16, 1))]))
+        .await;
+    let status = refused
+        .err()
+        .expect("a new stream is refused while the queue is full");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("queue is full"),
+        "{}",
+        status.message()
+    );
+
+    server.engine.resume();
+    let answers = within("the waiting stream", waiting)
+        .await
+        .expect("stream task");
+    assert!(answers.end.is_none(), "{:?}", answers.end);
+    assert_eq!(answers.items.len(), 5);
+    assert!(answers.items.values().all(Result::is_ok));
+    // And the server takes new streams again.
+    let answers = embed_all(&mut client, vec![request("later", png(16, 16, 2))]).await;
+    assert!(answers.items["later"].is_ok());
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_past_its_deadline_ends_with_deadline_exceeded() {
+    let server = TestServer::stand_in(small_config()).await;
+    server.engine.pause();
+    let mut client = server.client().await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(request("slow", png(16, 16, 1)))
+        .await
+        .expect("send");
+    let mut call = tonic::Request::new(ReceiverStream::new(rx));
+    call.set_timeout(Duration::from_millis(300));
+    let response = client.embed(call).await.expect("stream accepted");
+    let answers = within("the deadline", collect(response.into_inner())).await;
+    let status = answers.end.expect("the stream ends with a status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(tx);
+    server.engine.resume();
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_answers_items_in_flight() {
+    let mut server = TestServer::stand_in(small_config()).await;
+    server.engine.pause();
+    let mut client = server.client().await;
+    let (tx, rx) = mpsc::channel(8);
+    let response = client
+        .embed(ReceiverStream::new(rx))
+        .await
+        .expect("stream accepted");
+    for i in 0..3 {
+        tx.send(request(format!("g{i}"), png(16, 16, i)))
+            .await
+            .expect("send");
+    }
+    let mut depth = server.engine.queue_depth();
+    within("3 queued items", depth.wait_for(|d| *d == 3))
+        .await
+        .expect("depth");
+    server.begin_shutdown();
+    server.engine.resume();
+    let answers = within("the in-flight answers", collect(response.into_inner())).await;
+    assert_eq!(answers.items.len(), 3);
+    assert!(answers.items.values().all(Result::is_ok));
+    // The client never closed its side: the server says why it stopped reading.
+    let status = answers.end.expect("a closing status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    drop(tx);
+    let addr = server.addr;
+    server.shutdown().await.expect("clean shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
