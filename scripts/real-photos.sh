@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The real-photo checks, separate from `cargo test` (which is self-contained):
+#   1. leave-one-out nearest neighbour on pets with the real MobileNetV2 weights, against
+#      PyTorch's 81.1 % breed / 99.2 % species (fails if more than 2 points lower);
+#   2. a short k-shot evaluation through both live services (pets, k = 5, 2 seeds), failing
+#      when the default head's child top-1 drops below 84 %.
+# Needs ../shared/datasets (seen from the repo root); says so and skips when it is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+datasets=${TAXON_DATASETS:-../shared/datasets}
+if [ ! -d "$datasets/pets" ]; then
+  echo "SKIPPED real-photo checks: $datasets/pets not found (the photo sets live beside the repo)"
+  exit 0
+fi
+
+profile_flag=${TAXON_PROFILE_FLAG:-}   # e.g. --release; CI reuses the test build (dev profile)
+weights=weights/mobilenet_v2.safetensors
+if [ ! -f "$weights" ]; then
+  cargo run -q $profile_flag -p feature-server -- fetch-weights mobilenet_v2 --out weights
+fi
+
+echo "--- leave-one-out nearest neighbour, pets, MobileNetV2"
+cargo run -q $profile_flag -p feature-server --example knn_loo -- \
+  --backbone mobilenet_v2 --weights "$weights" --dataset "$datasets/pets" \
+  --min-child 79.1 --min-parent 97.2
+
+echo "--- k-shot evaluation through the live services, pets, k = 5, 2 seeds"
+cargo build -q $profile_flag -p feature-server -p head-trainer -p taxon-client
+bin=target/debug; [ "$profile_flag" = "--release" ] && bin=target/release
+work=$(mktemp -d)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+fport=$(free_port); hport=$(free_port)
+"$bin/feature-server" --listen "127.0.0.1:$fport" --backbone mobilenet_v2 --weights "$weights" \
+  >"$work/feature-server.log" 2>&1 &
+fpid=$!
+"$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
+  --data "$work/data" >"$work/head-trainer.log" 2>&1 &
+hpid=$!
+cleanup() { kill "$hpid" "$fpid" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+server="http://127.0.0.1:$hport"
+"$bin/client" --server "$server" health --wait 120
+"$bin/client" --server "$server" eval "$datasets/pets" --shots 5 --seeds 2 \
+  --min-default-child 84 --out target/eval-ci
