@@ -36,6 +36,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses a command line whose first item is the program name: for tests and embedders,
+    /// without a dependency on clap.
+    pub fn try_from_args<I, T>(args: I) -> std::result::Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_from(args)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Upload photos of a class (folders, files, globs), or a whole <parent>/<child>/ tree.
