@@ -94,6 +94,9 @@ impl Server {
         // Small messages both ways: Nagle's algorithm would add tens of milliseconds per item.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let serving = tonic::transport::Server::builder()
+            // One span per call (Info, health, reflection, each Embed stream), so every log
+            // line says which call it belongs to.
+            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

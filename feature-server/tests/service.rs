@@ -274,9 +274,7 @@ async fn a_full_queue_refuses_new_streams_while_existing_ones_wait() {
     let refused = client
         .embed(tokio_stream::iter(vec![request("new", png(16, 16, 1))]))
         .await;
-    let status = refused
-        .err()
-        .expect("a new stream is refused while the queue is full");
+    let status = refused.expect_err("a new stream is refused while the queue is full");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("queue is full"),

@@ -1,0 +1,268 @@
+//! `cargo bench -p feature-server`: where the time goes, batch by batch, on this CPU.
+//!
+//! For batch 1, 8 and 32: decode+preprocess ms/image (one thread), ResNet18 forward ms/image
+//! and images/s, and end-to-end images/s over gRPC with 4 concurrent streams into an
+//! in-process server; beside each, the anchors measured on this kind of machine
+//! (../shared/anchors/cpu-inference.md) and our ratio to them. Weights are the deterministic
+//! formula weights (speed does not depend on values). Photos come from
+//! ../shared/datasets/pets when present, else synthetic JPEGs; the header says which.
+//! Runs in about two minutes on 2 cores and prints the peak RSS (VmHWM) at the end.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use feature_server::models::{Backbone, BackboneKind};
+use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess};
+use feature_server::{Config, Server};
+use taxon_proto::v1::features_client::FeaturesClient;
+use taxon_proto::v1::{EmbedRequest, embed_response};
+
+const BATCHES: [usize; 3] = [1, 8, 32];
+/// images/s at batch 1, 8, 32 (ResNet18 fp32, 224x224, 2 threads).
+const PYTORCH_EAGER: [f64; 3] = [16.7, 20.3, 19.1];
+const ONNX_RUNTIME: [f64; 3] = [32.4, 37.2, 34.7];
+const STOCK_CANDLE: [f64; 3] = [5.5, 6.2, 6.9];
+const STREAMS: usize = 4;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> BenchResult<()> {
+    let started = Instant::now();
+    let (photos, source) = photos(64)?;
+    let dir = tempfile::tempdir()?;
+    let resnet = dir.path().join("resnet18.safetensors");
+    feature_server::weights::formula::write_safetensors(BackboneKind::Resnet18, &resnet)?;
+
+    println!(
+        "feature-server throughput (CPU, {} threads available)",
+        cores()
+    );
+    println!("images: {source}; ResNet18 formula weights; fp32 224x224");
+    println!();
+
+    let pre_ms = preprocess_ms(&photos)?;
+    let (backbone, _) = Backbone::load(BackboneKind::Resnet18, &resnet, &Device::Cpu)?;
+    let forward: Vec<f64> = BATCHES
+        .iter()
+        .map(|&b| forward_ms(&backbone, b))
+        .collect::<BenchResult<_>>()?;
+    drop(backbone);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Reset the high-water mark so the serving peak is not the bare forward passes' peak.
+    let forward_peak = peak_rss();
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let mut e2e = Vec::new();
+    for &b in &BATCHES {
+        e2e.push(runtime.block_on(end_to_end(&resnet, b, &photos))?);
+    }
+    let serving_peak = if reset {
+        peak_rss()
+    } else {
+        "unavailable".into()
+    };
+
+    println!(
+        "| batch | decode+preprocess ms/img | forward ms/img | forward img/s | x PyTorch eager | x ONNX Runtime | x stock candle | e2e gRPC img/s ({STREAMS} streams) | mean batch | e2e x PyTorch |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (i, &b) in BATCHES.iter().enumerate() {
+        let ips = 1000.0 / forward[i];
+        let (e2e_ips, mean_batch) = e2e[i];
+        println!(
+            "| {b} | {pre_ms:.2} | {:.1} | {ips:.1} | {:.2} (anchor {}) | {:.2} (anchor {}) | {:.2} (anchor {}) | {e2e_ips:.1} | {mean_batch:.1} | {:.2} |",
+            forward[i],
+            ips / PYTORCH_EAGER[i],
+            PYTORCH_EAGER[i],
+            ips / ONNX_RUNTIME[i],
+            ONNX_RUNTIME[i],
+            ips / STOCK_CANDLE[i],
+            STOCK_CANDLE[i],
+            e2e_ips / PYTORCH_EAGER[i],
+        );
+    }
+
+    if std::env::var_os("TAXON_BENCH_SKIP_MOBILENET").is_none() {
+        let mobilenet = dir.path().join("mobilenet_v2.safetensors");
+        feature_server::weights::formula::write_safetensors(BackboneKind::MobileNetV2, &mobilenet)?;
+        let (backbone, _) = Backbone::load(BackboneKind::MobileNetV2, &mobilenet, &Device::Cpu)?;
+        println!();
+        println!("| MobileNetV2 batch | forward ms/img | forward img/s |");
+        println!("|---|---|---|");
+        for &b in &BATCHES {
+            let ms = forward_ms(&backbone, b)?;
+            println!("| {b} | {ms:.1} | {:.1} |", 1000.0 / ms);
+        }
+    }
+
+    println!();
+    println!(
+        "anchors: ../shared/anchors/cpu-inference.md (PyTorch 2.15 eager NCHW, ONNX Runtime 1.32, candle 0.11 stock conv2d)"
+    );
+    println!("peak RSS (VmHWM) while serving the gRPC runs: {serving_peak}");
+    println!("peak RSS (VmHWM) over the in-process ResNet18 forward runs: {forward_peak}");
+    println!("bench wall time: {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Up to `n` JPEGs from the pets dataset, or synthetic ones where it is absent.
+fn photos(n: usize) -> BenchResult<(Vec<Vec<u8>>, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/pets");
+    let mut paths = Vec::new();
+    collect_jpegs(&root, &mut paths);
+    paths.sort();
+    if !paths.is_empty() {
+        // Spread the picks over the whole dataset (every breed), deterministically.
+        let step = (paths.len() / n).max(1);
+        let picked: Vec<_> = paths.iter().step_by(step).take(n).collect();
+        let bytes = picked
+            .iter()
+            .map(std::fs::read)
+            .collect::<Result<Vec<_>, _>>()?;
+        let source = format!("{} real JPEGs from {}", bytes.len(), root.display());
+        return Ok((bytes, source));
+    }
+    let bytes = (0..n as u32)
+        .map(|seed| {
+            let img = image::RgbImage::from_fn(500, 375, |x, y| {
+                image::Rgb([
+                    (x + seed * 7) as u8,
+                    (y * 2 + seed) as u8,
+                    ((x ^ y) + seed * 3) as u8,
+                ])
+            });
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Jpeg)
+                .map(|()| out.into_inner())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        bytes,
+        format!("{n} synthetic 500x375 JPEGs (../shared/datasets/pets not found)"),
+    ))
+}
+
+fn collect_jpegs(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_jpegs(&path, out);
+        } else if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jpg"))
+        {
+            out.push(path);
+        }
+    }
+}
+
+/// Single-threaded decode + preprocess, ms per image, over every photo.
+fn preprocess_ms(photos: &[Vec<u8>]) -> BenchResult<f64> {
+    let limits = Limits::default();
+    preprocess(&photos[0], &limits)?;
+    let t = Instant::now();
+    for photo in photos {
+        preprocess(photo, &limits)?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3 / photos.len() as f64)
+}
+
+/// Forward ms per image at batch `b`: one untimed pass, then at least 3 s or 2 passes.
+fn forward_ms(backbone: &Backbone, b: usize) -> BenchResult<f64> {
+    let x = Tensor::zeros(
+        (b, 3, INPUT_SIZE, INPUT_SIZE),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    backbone.forward(&x)?;
+    let t = Instant::now();
+    let mut images = 0;
+    while images < 2 * b || t.elapsed() < Duration::from_secs(3) {
+        backbone.forward(&x)?.to_vec2::<f32>()?;
+        images += b;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3 / images as f64)
+}
+
+/// images/s through a real server (`max_batch = b`) with 4 concurrent streams of the photos,
+/// and the mean batch size the engine formed.
+async fn end_to_end(weights: &Path, b: usize, photos: &[Vec<u8>]) -> BenchResult<(f64, f64)> {
+    let config = Config {
+        backbone: BackboneKind::Resnet18,
+        weights: weights.to_path_buf(),
+        max_batch: b,
+        max_wait: Duration::from_millis(5),
+        ..Config::default()
+    };
+    let server = Server::new(config)?;
+    let engine = server.engine().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    engine.ready().await?;
+
+    // Enough items that every batch size fills its batches several times.
+    let per_stream = (2 * b).max(16);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..STREAMS {
+        let requests: Vec<_> = (0..per_stream)
+            .map(|i| EmbedRequest {
+                id: format!("{s}-{i}"),
+                image: photos[(s * per_stream + i) % photos.len()].clone(),
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut client = FeaturesClient::connect(format!("http://{addr}")).await?;
+            let mut answers = client
+                .embed(tokio_stream::iter(requests))
+                .await?
+                .into_inner();
+            let mut ok = 0usize;
+            while let Some(response) = answers.message().await? {
+                if let Some(embed_response::Result::Embedding(_)) = response.result {
+                    ok += 1;
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(ok)
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        ok += task.await?.map_err(|e| e.to_string())?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    if ok != STREAMS * per_stream {
+        return Err(format!("only {ok} of {} items embedded", STREAMS * per_stream).into());
+    }
+    let stats = engine.stats();
+    let _ = stop.send(());
+    serving.await??;
+    Ok((
+        ok as f64 / secs,
+        stats.items as f64 / stats.batches.max(1) as f64,
+    ))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l["VmHWM:".len()..].trim().to_string())
+        })
+        .unwrap_or_else(|| "unavailable (no /proc/self/status)".into())
+}
