@@ -101,8 +101,8 @@ fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
         Code::AlreadyExists => {
             "choose another name, or remove the existing class first".to_string()
         }
-        Code::FailedPrecondition => {
-            "enroll classes first (`client enroll --class NAME PHOTOS`)".to_string()
+        Code::FailedPrecondition if call == "RemoveClass" => {
+            "to remove a parent with its children, add --recursive".to_string()
         }
         Code::ResourceExhausted => {
             "the server is busy or the message too big: retry later, or send smaller images"
@@ -112,12 +112,26 @@ fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
         Code::DeadlineExceeded => "the server took too long: retry, or check its load".to_string(),
         _ => String::new(),
     };
-    let code = format!("{:?}", status.code()).to_uppercase();
+    let code = code_name(status.code() as i32);
     if hint.is_empty() {
         format!("{call} failed at {addr}: {code}: {msg}")
     } else {
         format!("{call} failed at {addr}: {code}: {msg}\n  {hint}")
     }
+}
+
+/// `NOT_FOUND`, `FAILED_PRECONDITION`: a gRPC code as the spec and other tools spell it, for
+/// item errors (which carry the code as a number) and call failures alike.
+pub fn code_name(code: i32) -> String {
+    let camel = format!("{:?}", Code::from_i32(code));
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
 }
 
 /// Joins an error and its sources, because tonic's transport errors say only "transport error"
@@ -141,6 +155,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_names_are_screaming_snake() {
+        assert_eq!(
+            code_name(Code::FailedPrecondition as i32),
+            "FAILED_PRECONDITION"
+        );
+        assert_eq!(code_name(3), "INVALID_ARGUMENT");
+        assert_eq!(code_name(0), "OK");
+    }
 
     #[test]
     fn unauthenticated_says_to_set_a_token() {

@@ -48,6 +48,19 @@ pub fn table(
     Ok(())
 }
 
+/// `key  value` lines with the keys aligned: for summaries of one thing (`info`).
+pub fn key_values(out: &mut dyn Write, pairs: &[(&str, String)]) -> Result<()> {
+    let width = pairs
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (k, v) in pairs {
+        writeln!(out, "{k:<width$}  {v}")?;
+    }
+    Ok(())
+}
+
 /// One compact JSON value and a newline: what `jq` and line-oriented scripts read.
 pub fn json_line(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
     let s = serde_json::to_string(value).map_err(std::io::Error::other)?;

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::connect::Conn;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, code_name};
 use crate::files;
 use crate::output;
 use crate::{Ctx, Outcome};
@@ -89,11 +89,7 @@ pub async fn classify_many(
             })?;
         *slot = Some(match msg.result {
             Some(Reply::Classification(c)) => Ok(c),
-            Some(Reply::Error(e)) => Err(format!(
-                "{:?}: {}",
-                tonic::Code::from_i32(e.code),
-                e.message
-            )),
+            Some(Reply::Error(e)) => Err(format!("{}: {}", code_name(e.code), e.message)),
             None => Err("the server sent an empty reply".to_string()),
         });
         pb.inc(1);
@@ -207,6 +203,11 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
         for (path, a) in found.images.iter().zip(&answers) {
             output::json_line(ctx.out, &line(path.display().to_string(), a))?;
         }
+        // Skipped paths get a line too (decision null), so a script sees every path it gave.
+        for s in &found.skipped {
+            let why: Answer = Err(format!("skipped: {}", s.reason));
+            output::json_line(ctx.out, &line(s.path.display().to_string(), &why))?;
+        }
     } else {
         print_table(ctx, &found.images, &answers, args.top_k > 1)?;
     }
@@ -288,11 +289,11 @@ mod tests {
         assert!((v["probability"].as_f64().unwrap() - 0.9).abs() < 1e-6);
         assert_eq!(v["top"][0]["name"], "pug");
 
-        let failed: Answer = Err("InvalidArgument: not an image".into());
+        let failed: Answer = Err("INVALID_ARGUMENT: not an image".into());
         let v = serde_json::to_value(line("b.jpg".into(), &failed)).unwrap();
         assert_eq!(v["image"], "b.jpg");
         assert!(v["decision"].is_null());
-        assert_eq!(v["error"], "InvalidArgument: not an image");
+        assert_eq!(v["error"], "INVALID_ARGUMENT: not an image");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::connect::Conn;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, code_name};
 use crate::files::{self, Skipped};
 use crate::output::{self, human_duration};
 use crate::{Ctx, Outcome, dataset};
@@ -289,8 +289,8 @@ fn report(ctx: &mut Ctx<'_>, done: &Enrolled, skipped: &[Skipped], waited: bool)
         writeln!(out, "  skipped {}: {}", s.path.display(), s.reason)?;
     }
     for x in &r.rejected {
-        let code = tonic::Code::from_i32(x.code);
-        writeln!(out, "  rejected {}: {code:?}: {}", short(&x.id), x.message)?;
+        let code = code_name(x.code);
+        writeln!(out, "  rejected {}: {code}: {}", short(&x.id), x.message)?;
     }
     if waited {
         writeln!(

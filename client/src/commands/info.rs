@@ -49,17 +49,19 @@ async fn head_trainer(ctx: &mut Ctx<'_>) -> Result<Outcome> {
             }),
         )?;
     } else {
-        let rows = vec![
-            vec!["server".into(), conn.addr.clone()],
-            vec![
-                "head".into(),
-                format!("{} v{}", list.head, list.head_version),
-            ],
-            vec!["model".into(), list.model.clone()],
-            vec!["classes".into(), format!("{children} ({parents} parents)")],
-            vec!["examples".into(), examples.to_string()],
+        let head = if list.head.is_empty() {
+            "none yet (enroll photos first)".to_string()
+        } else {
+            format!("{} v{}", list.head, list.head_version)
+        };
+        let pairs = [
+            ("server", conn.addr.clone()),
+            ("head", head),
+            ("model", list.model.clone()),
+            ("classes", format!("{children} ({parents} parents)")),
+            ("examples", examples.to_string()),
         ];
-        output::table(ctx.out, &["", ""], &[], &rows)?;
+        output::key_values(ctx.out, &pairs)?;
     }
     Ok(Outcome::Success)
 }
@@ -83,25 +85,25 @@ async fn features(ctx: &mut Ctx<'_>, url: &str) -> Result<Outcome> {
             }),
         )?;
     } else {
-        let rows = vec![
-            vec!["server".into(), conn.addr.clone()],
-            vec!["backbone".into(), format!("{} ({}-d)", i.backbone, i.dim)],
-            vec!["weights".into(), format!("sha256:{}", i.weights_sha256)],
-            vec!["device".into(), i.device.clone()],
-            vec![
-                "batching".into(),
+        let pairs = [
+            ("server", conn.addr.clone()),
+            ("backbone", format!("{} ({}-d)", i.backbone, i.dim)),
+            ("weights", format!("sha256:{}", i.weights_sha256)),
+            ("device", i.device.clone()),
+            (
+                "batching",
                 format!("up to {} per batch, {} ms wait", i.max_batch, i.max_wait_ms),
-            ],
-            vec![
-                "limits".into(),
+            ),
+            (
+                "limits",
                 format!(
                     "{} per image, {} pixels",
                     crate::files::human_bytes(i.max_image_bytes),
                     i.max_image_pixels
                 ),
-            ],
+            ),
         ];
-        output::table(ctx.out, &["", ""], &[], &rows)?;
+        output::key_values(ctx.out, &pairs)?;
     }
     Ok(Outcome::Success)
 }

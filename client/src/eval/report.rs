@@ -216,7 +216,8 @@ fn side_by_side(s: &mut String, rows: &[HeadSummary], a: &Anchor) {
     ));
     let _ = writeln!(
         s,
-        "Against the PyTorch anchors (MobileNetV2 embeddings, same protocol):\n"
+        "Against the PyTorch anchors (same protocol, embeddings of MobileNetV2 with the real \
+         ImageNet weights: comparable only when the model above runs those weights):\n"
     );
     let _ = writeln!(s, "| comparison | Taxon | PyTorch | Δ |");
     let _ = writeln!(s, "|---|---|---|---|");
