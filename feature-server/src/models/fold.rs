@@ -5,11 +5,12 @@
 //! one full pass over every activation tensor (the anchors measure 7-15 % on ResNet18). The fold
 //! is computed in f64 so it adds no rounding of its own beyond the final cast to f32.
 //!
-//! Depthwise convolutions (groups == channels, MobileNetV2) do not go through candle's grouped
-//! conv2d, which runs one tiny convolution per channel (960 of them in one layer); they are
-//! computed as k*k shifted multiply-adds over whole tensors instead.
+//! Depthwise convolutions (groups == channels, MobileNetV2) go to our fused kernel
+//! ([`super::depthwise`]) rather than candle's grouped conv2d.
 
 use candle_core::{DType, Module, ModuleT, Result, Tensor};
+
+use super::depthwise::depthwise_bias_act;
 use candle_nn::{BatchNorm, VarBuilder};
 
 /// PyTorch's default batch-norm epsilon, used by both torchvision backbones.
@@ -96,84 +97,39 @@ impl ConvBn {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
+    }
+
+    /// The convolution, its batch-norm (folded or not), then ReLU6 if `relu6`. Depthwise layers
+    /// with a folded batch-norm do all three in one pass.
+    pub fn forward_act(&self, x: &Tensor, relu6: bool) -> Result<Tensor> {
         let s = &self.spec;
-        let y = if s.groups > 1 && s.groups == s.c_in && s.groups == s.c_out {
-            depthwise(x, &self.weight, s.kernel, s.stride, s.padding)?
-        } else {
-            x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?
+        let c = s.c_out;
+        let depthwise = s.groups > 1 && s.groups == s.c_in && s.groups == s.c_out;
+        let y = match (&self.bias, depthwise) {
+            (Some(b), true) => {
+                return depthwise_bias_act(x, &self.weight, b, s.stride, s.padding, relu6);
+            }
+            (None, true) => {
+                let zeros = Tensor::zeros(c, DType::F32, x.device())?;
+                depthwise_bias_act(x, &self.weight, &zeros, s.stride, s.padding, false)?
+            }
+            (Some(b), false) => {
+                let y = x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?;
+                y.broadcast_add(&b.reshape((1, c, 1, 1))?)?
+            }
+            (None, false) => x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?,
         };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+        let y = match &self.bn {
+            Some(bn) => bn.forward_t(&y, false)?,
             None => y,
         };
-        match &self.bn {
-            Some(bn) => bn.forward_t(&y, false),
-            None => Ok(y),
-        }
+        if relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
     }
 }
 
 impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ConvBn::forward(self, x)
-    }
-}
-
-/// Depthwise convolution as k*k shifted, per-channel-scaled copies of the padded input.
-/// `w` is `[C, 1, k, k]`. Strided taps come from viewing the padded input as
-/// `[N, C, H/s, s, W/s, s]`, so no op needs a step-slice.
-pub fn depthwise(x: &Tensor, w: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let ho = (h + 2 * pad - k) / stride + 1;
-    let wo = (wd + 2 * pad - k) / stride + 1;
-    // Extra zeros at the bottom/right so the padded size divides by the stride; never read.
-    let extra_h = (stride - (h + 2 * pad) % stride) % stride;
-    let extra_w = (stride - (wd + 2 * pad) % stride) % stride;
-    let xp = x
-        .pad_with_zeros(2, pad, pad + extra_h)?
-        .pad_with_zeros(3, pad, pad + extra_w)?;
-    let (hp, wp) = (h + 2 * pad + extra_h, wd + 2 * pad + extra_w);
-    let view = xp.reshape((n, c, hp / stride, stride, wp / stride, stride))?;
-    let mut acc: Option<Tensor> = None;
-    for ky in 0..k {
-        for kx in 0..k {
-            let tap = view
-                .narrow(2, ky / stride, ho)?
-                .narrow(3, ky % stride, 1)?
-                .narrow(4, kx / stride, wo)?
-                .narrow(5, kx % stride, 1)?
-                .reshape((n, c, ho, wo))?;
-            let wk = w
-                .narrow(2, ky, 1)?
-                .narrow(3, kx, 1)?
-                .reshape((1, c, 1, 1))?;
-            let term = tap.broadcast_mul(&wk)?;
-            acc = Some(match acc {
-                None => term,
-                Some(a) => (a + term)?,
-            });
-        }
-    }
-    acc.ok_or_else(|| candle_core::Error::Msg("depthwise kernel of size 0".into()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn depthwise_matches_grouped_conv2d() -> Result<()> {
-        let dev = Device::Cpu;
-        for (h, stride) in [(8, 1), (8, 2), (7, 2), (9, 1)] {
-            let x = Tensor::randn(0f32, 1., (2, 5, h, h + 1), &dev)?;
-            let w = Tensor::randn(0f32, 1., (5, 1, 3, 3), &dev)?;
-            let a = depthwise(&x, &w, 3, stride, 1)?;
-            let b = x.conv2d(&w, 1, stride, 1, 5)?;
-            assert_eq!(a.dims(), b.dims());
-            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "h {h} stride {stride}: {diff}");
-        }
-        Ok(())
     }
 }

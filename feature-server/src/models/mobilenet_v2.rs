@@ -22,10 +22,6 @@ const SETTINGS: [(usize, usize, usize, usize); 7] = [
 ];
 const STEM: usize = 32;
 
-fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
-}
-
 /// One inverted-residual block: [expand 1x1 + ReLU6] -> depthwise 3x3 + ReLU6 -> project 1x1.
 struct InvertedResidual {
     expand: Option<ConvBn>,
@@ -85,12 +81,12 @@ impl InvertedResidual {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(e) => relu6(&e.forward(x)?)?,
+            Some(e) => e.forward_act(x, true)?,
             None => x.clone(),
         };
         let y = self
             .project
-            .forward(&relu6(&self.depthwise.forward(&h)?)?)?;
+            .forward(&self.depthwise.forward_act(&h, true)?)?;
         if self.residual { y + x } else { Ok(y) }
     }
 }
@@ -139,11 +135,11 @@ impl MobileNetV2 {
 
     /// `[N, 3, 224, 224]` -> `[N, 1280]`: global average pool of `features(x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = relu6(&self.stem.forward(x)?)?;
+        let mut x = self.stem.forward_act(x, true)?;
         for b in &self.blocks {
             x = b.forward(&x)?;
         }
-        relu6(&self.head.forward(&x)?)?.mean((2, 3))
+        self.head.forward_act(&x, true)?.mean((2, 3))
     }
 }
 

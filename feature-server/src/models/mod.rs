@@ -3,6 +3,7 @@
 //! One file per model (candle's style); [`Backbone`] is the one type the engine holds, so the
 //! rest of the server never matches on the architecture.
 
+pub mod depthwise;
 pub mod fold;
 pub mod mobilenet_v2;
 pub mod resnet18;
