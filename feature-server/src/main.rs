@@ -3,6 +3,7 @@
 //! `feature-server --weights PATH [...]` serves; `feature-server fetch-weights KIND` gets real
 //! ImageNet weights once, so that serving never touches the network.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -38,6 +39,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        // Colour codes only for a terminal; docker logs and files get plain text.
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
