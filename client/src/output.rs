@@ -4,7 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use serde::Serialize;
 
 use crate::error::Result;
@@ -76,9 +76,13 @@ pub fn progress(len: u64, unit: &str, json: bool) -> ProgressBar {
     }
     let pb = ProgressBar::new(len);
     let template =
-        format!("{{msg}} [{{bar:30.cyan/blue}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}");
+        format!("{{msg}} [{{bar:30.cyan/blue}}] {{pos}}/{{len}} {unit} {{rate}} ETA {{eta}}");
     if let Ok(style) = ProgressStyle::with_template(&template) {
-        pb.set_style(style.progress_chars("=> "));
+        // indicatif's own {per_sec} prints four decimals; one is what a person reads.
+        let rate = |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.1}/s", state.per_sec());
+        };
+        pb.set_style(style.with_key("rate", rate).progress_chars("=> "));
     }
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
