@@ -137,7 +137,11 @@ fn formula_probe_matches_manifest() -> TestResult {
         let first4: Vec<f64> = serde_json::from_value(probe["first4"].clone())?;
         for (i, (&got, want)) in values.iter().zip(&first4).enumerate() {
             // The manifest prints f64s that round to the f32 values: compare in f32, bit for bit.
-            assert_eq!(got.to_bits(), (*want as f32).to_bits(), "{name}[{i}]: {got} vs {want}");
+            assert_eq!(
+                got.to_bits(),
+                (*want as f32).to_bits(),
+                "{name}[{i}]: {got} vs {want}"
+            );
         }
         let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
         let want = probe["sum_f64"].as_f64().ok_or("sum_f64")?;

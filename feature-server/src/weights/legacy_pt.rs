@@ -109,7 +109,7 @@ fn read_pickle(c: &mut Cursor) -> R<Value> {
         Ok(items)
     }
     fn pairs(items: Vec<Value>) -> R<Vec<(Value, Value)>> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("pickle: odd number of dict items".into());
         }
         let mut it = items.into_iter();
