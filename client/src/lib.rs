@@ -149,4 +149,18 @@ mod tests {
         assert_eq!(args.parent, "kitchenware");
         assert_eq!(args.paths, vec!["./pics".to_string()]);
     }
+
+    #[test]
+    fn enroll_takes_either_a_class_and_photos_or_a_dataset() {
+        let parse =
+            |a: &[&str]| Cli::try_parse_from(std::iter::once("client").chain(a.iter().copied()));
+        assert!(parse(&["enroll", "--dataset", "pets"]).is_ok());
+        assert!(parse(&["enroll", "--dataset", "pets", "./pics"]).is_err());
+        assert!(parse(&["enroll", "--class", "x", "--dataset", "pets"]).is_err());
+        assert!(parse(&["enroll", "./pics"]).is_err(), "photos need a class");
+        assert!(
+            parse(&["enroll", "--class", "x"]).is_err(),
+            "a class needs photos"
+        );
+    }
 }

@@ -35,7 +35,11 @@ pub struct Args {
     #[arg(long, default_value_t = files::DEFAULT_MAX_FILE_MIB)]
     pub max_file_mib: u64,
     /// Photos: files, folders (recursive) or glob patterns.
-    #[arg(value_name = "PATH", required_unless_present = "dataset")]
+    #[arg(
+        value_name = "PATH",
+        required_unless_present = "dataset",
+        conflicts_with = "dataset"
+    )]
     pub paths: Vec<String>,
 }
 
