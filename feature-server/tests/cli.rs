@@ -68,10 +68,11 @@ async fn sigterm_stops_the_binary_cleanly() {
                     .find_map(|w| w.strip_prefix("addr="))
                     .map(str::to_string);
             }
-            if line.contains("serving") {
-                if let (Some(tx), Some(addr)) = (addr_tx.take(), addr.clone()) {
-                    let _ = tx.send(addr);
-                }
+            if line.contains("serving")
+                && let Some(addr) = &addr
+                && let Some(tx) = addr_tx.take()
+            {
+                let _ = tx.send(addr.clone());
             }
             logs.push(line);
         }
