@@ -9,30 +9,32 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `relu6(depthwise(x, w) + b)` (or without the clamp); `x: [N,C,H,W]`, `w: [C,1,k,k]`, `b: [C]`.
+use super::ops::Act;
+
+/// `act(depthwise(x, w) + b)`; `x: [N,C,H,W]`, `w: [C,1,k,k]`, `b: [C]`.
 pub fn depthwise_bias_act(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     stride: usize,
     pad: usize,
-    relu6: bool,
+    act: Act,
 ) -> Result<Tensor> {
     if x.device().is_cpu() {
-        let op = Depthwise { stride, pad, relu6 };
+        let op = Depthwise { stride, pad, act };
         return x
             .contiguous()?
             .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op);
     }
     let (_, c, _, _) = x.dims4()?;
     let y = taps(x, w, w.dim(2)?, stride, pad)?.broadcast_add(&b.reshape((1, c, 1, 1))?)?;
-    if relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
+    act.apply(y)
 }
 
 struct Depthwise {
     stride: usize,
     pad: usize,
-    relu6: bool,
+    act: Act,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -79,6 +81,7 @@ impl CustomOp3 for Depthwise {
             );
         }
         let (s, p) = (self.stride, self.pad);
+        let (lo, hi) = self.act.bounds();
         let ho = (h + 2 * p - k) / s + 1;
         let wo = (wd + 2 * p - k) / s + 1;
         let mut out = vec![0f32; n * c * ho * wo];
@@ -118,8 +121,8 @@ impl CustomOp3 for Depthwise {
                             }
                         }
                     }
-                    if self.relu6 {
-                        orow.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+                    if self.act != Act::None {
+                        orow.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
                     }
                 }
             });
@@ -190,7 +193,8 @@ mod tests {
             if relu6 {
                 want = want.clamp(0f32, 6f32)?;
             }
-            let fused = depthwise_bias_act(&x, &w, &b, stride, 1, relu6)?;
+            let act = if relu6 { Act::Relu6 } else { Act::None };
+            let fused = depthwise_bias_act(&x, &w, &b, stride, 1, act)?;
             let mut tapped =
                 taps(&x, &w, 3, stride, 1)?.broadcast_add(&b.reshape((1, 5, 1, 1))?)?;
             if relu6 {

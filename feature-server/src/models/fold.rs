@@ -11,6 +11,7 @@
 use candle_core::{DType, Module, ModuleT, Result, Tensor};
 
 use super::depthwise::depthwise_bias_act;
+use super::ops::{Act, bias_act};
 use candle_nn::{BatchNorm, VarBuilder};
 
 /// PyTorch's default batch-norm epsilon, used by both torchvision backbones.
@@ -97,26 +98,26 @@ impl ConvBn {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act(x, false)
+        self.forward_act(x, Act::None)
     }
 
-    /// The convolution, its batch-norm (folded or not), then ReLU6 if `relu6`. Depthwise layers
-    /// with a folded batch-norm do all three in one pass.
-    pub fn forward_act(&self, x: &Tensor, relu6: bool) -> Result<Tensor> {
+    /// The convolution, its batch-norm (folded or not), then the activation. With batch-norm
+    /// folded, bias and activation are one in-place pass (depthwise: one pass for everything).
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let s = &self.spec;
         let c = s.c_out;
         let depthwise = s.groups > 1 && s.groups == s.c_in && s.groups == s.c_out;
         let y = match (&self.bias, depthwise) {
             (Some(b), true) => {
-                return depthwise_bias_act(x, &self.weight, b, s.stride, s.padding, relu6);
+                return depthwise_bias_act(x, &self.weight, b, s.stride, s.padding, act);
             }
             (None, true) => {
                 let zeros = Tensor::zeros(c, DType::F32, x.device())?;
-                depthwise_bias_act(x, &self.weight, &zeros, s.stride, s.padding, false)?
+                depthwise_bias_act(x, &self.weight, &zeros, s.stride, s.padding, Act::None)?
             }
             (Some(b), false) => {
                 let y = x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?;
-                y.broadcast_add(&b.reshape((1, c, 1, 1))?)?
+                return bias_act(y, b, act);
             }
             (None, false) => x.conv2d(&self.weight, s.padding, s.stride, 1, s.groups)?,
         };
@@ -124,7 +125,7 @@ impl ConvBn {
             Some(bn) => bn.forward_t(&y, false)?,
             None => y,
         };
-        if relu6 { y.clamp(0f32, 6f32) } else { Ok(y) }
+        act.apply(y)
     }
 }
 

@@ -8,6 +8,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::fold::{ConvBn, ConvSpec};
+use super::ops::Act;
 
 pub const DIM: usize = 1280;
 /// torchvision's inverted-residual settings: expansion t, channels c, repeats n, stride s.
@@ -81,12 +82,12 @@ impl InvertedResidual {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(e) => e.forward_act(x, true)?,
+            Some(e) => e.forward_act(x, Act::Relu6)?,
             None => x.clone(),
         };
         let y = self
             .project
-            .forward(&self.depthwise.forward_act(&h, true)?)?;
+            .forward(&self.depthwise.forward_act(&h, Act::Relu6)?)?;
         if self.residual { y + x } else { Ok(y) }
     }
 }
@@ -135,11 +136,11 @@ impl MobileNetV2 {
 
     /// `[N, 3, 224, 224]` -> `[N, 1280]`: global average pool of `features(x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.stem.forward_act(x, true)?;
+        let mut x = self.stem.forward_act(x, Act::Relu6)?;
         for b in &self.blocks {
             x = b.forward(&x)?;
         }
-        self.head.forward_act(&x, true)?.mean((2, 3))
+        self.head.forward_act(&x, Act::Relu6)?.mean((2, 3))
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod depthwise;
 pub mod fold;
 pub mod mobilenet_v2;
+pub mod ops;
 pub mod resnet18;
 
 use std::fmt;

@@ -6,6 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::fold::{ConvBn, ConvSpec};
+use super::ops::Act;
 
 /// Output channels and first-block stride of layer1..layer4.
 const STAGES: [(usize, usize); 4] = [(64, 1), (128, 2), (256, 2), (512, 2)];
@@ -51,7 +52,7 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv2.forward(&self.conv1.forward(x)?.relu()?)?;
+        let y = self.conv2.forward(&self.conv1.forward_act(x, Act::Relu)?)?;
         let shortcut = match &self.downsample {
             Some(ds) => ds.forward(x)?,
             None => x.clone(),
@@ -99,7 +100,7 @@ impl ResNet18 {
 
     /// `[N, 3, 224, 224]` -> `[N, 512]`: the global average pool of layer4 (the fc input).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.stem.forward(x)?.relu()?;
+        let x = self.stem.forward_act(x, Act::Relu)?;
         // Max-pool 3x3/2 with padding 1. The input is post-ReLU (>= 0), so zero padding gives
         // exactly what PyTorch's -inf padding gives.
         let x = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
