@@ -158,8 +158,18 @@ fn nearest_neighbours(emb: &[Vec<f32>]) -> Vec<usize> {
         .collect()
 }
 
-fn main() -> anyhow::Result<ExitCode> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    // Errors are printed as one readable line (no backtrace), exit status 2.
+    match run(Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
     let items = scan(&args.dataset)?;
     if !args.weights.exists() {
         if !args.build_weights {
