@@ -1,0 +1,235 @@
+//! The `client` commands in-process against both real services (a MobileNetV2 feature-server
+//! with formula weights and a head-trainer, on 127.0.0.1:0): what a user and a script see.
+//! The client's own edge cases are tested against a scripted server in client/tests.
+
+use std::path::Path;
+
+use serde_json::Value;
+use taxon_client::{Cli, Outcome, execute};
+use taxon_tests::{Pattern, photos, shared_feature_server, start_head_trainer, within};
+
+async fn client(args: &[&str]) -> (taxon_client::Result<Outcome>, String) {
+    let cli = Cli::try_from_args(std::iter::once("client").chain(args.iter().copied()))
+        .expect("valid command line");
+    let mut out = Vec::new();
+    let r = within("the client command", execute(cli, &mut out)).await;
+    (r, String::from_utf8(out).expect("utf-8 output"))
+}
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Writes synthetic photos into `dir` as files, as a user's folder would hold them.
+fn write_photos(dir: &Path, pattern: Pattern, rgb: [u8; 3], n: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, bytes) in photos(pattern, rgb, n, seed).into_iter().enumerate() {
+        std::fs::write(dir.join(format!("{i}.png")), bytes).unwrap();
+    }
+}
+
+fn config(data: &Path) -> head_trainer::Config {
+    head_trainer::Config::new(vec![shared_feature_server()], data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_classify_classes_manage_health_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let ht = start_head_trainer(config(&dir.path().join("data"))).await;
+    let url = ht.url();
+    let (r, out) = client(&["--server", &url, "health", "--wait", "120"]).await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+
+    let red = dir.path().join("red");
+    write_photos(&red, Pattern::Solid, [220, 30, 30], 3, 1);
+    std::fs::write(red.join("notes.txt"), "not a photo").unwrap();
+    let blue = dir.path().join("blue");
+    write_photos(&blue, Pattern::Stripes, [30, 30, 220], 3, 2);
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let base = ["--server", url.as_str(), "--tenant", "cli", "--json"];
+    let run = |rest: Vec<String>| {
+        let args: Vec<String> = base.iter().map(|s| s.to_string()).chain(rest).collect();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            client(&refs).await
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let (r, out) = run(args(&[
+        "enroll",
+        "--class",
+        "red",
+        "--parent",
+        "colours",
+        &s(&red),
+    ]))
+    .await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+    let v = &json_lines(&out)[0];
+    assert_eq!(v["class"], "red");
+    assert_eq!(v["parent"], "colours");
+    assert_eq!(v["accepted"], 3);
+    assert_eq!(v["rejected"].as_array().unwrap().len(), 0);
+    assert!(v["head_version"].is_u64());
+    assert!(
+        v["skipped"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("notes.txt")
+    );
+
+    let (r, out) = run(args(&[
+        "enroll",
+        "--class",
+        "blue",
+        "--parent",
+        "colours",
+        "--wait",
+        &s(&blue),
+    ]))
+    .await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+    assert_eq!(json_lines(&out)[0]["accepted"], 3);
+
+    let fresh = dir.path().join("fresh");
+    write_photos(&fresh.join("r"), Pattern::Solid, [220, 30, 30], 1, 7);
+    write_photos(&fresh.join("b"), Pattern::Stripes, [30, 30, 220], 1, 8);
+    let (r, out) = run(args(&["classify", "--top-k", "2", &s(&fresh)])).await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert!(
+            ["child", "parent", "unknown"].contains(&line["decision"].as_str().unwrap()),
+            "{line}"
+        );
+        assert!(
+            line["label"].is_string() && line["parent"].is_string(),
+            "{line}"
+        );
+        assert!(line["probability"].is_f64(), "{line}");
+    }
+    assert!(
+        lines[0]["image"].as_str().unwrap().ends_with("b/0.png"),
+        "order as given (sorted folder)"
+    );
+    assert_eq!(lines[0]["top"][0]["name"], "blue", "{}", lines[0]);
+    assert_eq!(lines[1]["top"][0]["name"], "red", "{}", lines[1]);
+
+    let (r, out) = run(args(&["classes"])).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    let classes: Value = serde_json::from_str(out.trim()).unwrap();
+    let red_entry = classes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "red")
+        .unwrap();
+    assert_eq!(red_entry["parent"], "colours");
+    assert_eq!(red_entry["examples"], 3);
+
+    let (r, out) = run(args(&["info"])).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    assert!(
+        json_lines(&out)[0]["model"]
+            .as_str()
+            .unwrap()
+            .starts_with("mobilenet_v2@sha256:")
+    );
+    let features = shared_feature_server();
+    let (r, out) = run(args(&["info", "--features", &features])).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    assert_eq!(json_lines(&out)[0]["backbone"], "mobilenet_v2");
+
+    let (r, _) = run(args(&["rename", "red", "crimson"])).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    let (r, _) = run(args(&["remove", "colours"])).await;
+    assert!(r.is_err(), "a parent needs --recursive");
+    let (r, out) = run(args(&["remove", "colours", "--recursive"])).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    let removed = json_lines(&out)[0]["removed_classes"].clone();
+    assert!(
+        removed.as_array().unwrap().iter().any(|c| c == "crimson"),
+        "{removed}"
+    );
+    let (_, out) = run(args(&["classes"])).await;
+    assert_eq!(out.trim(), "[]");
+    ht.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_servers_ask_for_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "s3cret acme\n").unwrap();
+    let mut c = config(&dir.path().join("data"));
+    c.tokens_file = Some(tokens);
+    let ht = start_head_trainer(c).await;
+    let url = ht.url();
+    let (r, _) = client(&["--server", &url, "health", "--wait", "120"]).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    let (r, _) = client(&["--server", &url, "classes"]).await;
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("--token"), "{msg}");
+    let (r, _) = client(&["--server", &url, "--token", "s3cret", "classes"]).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    ht.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_compares_every_head_and_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let ht = start_head_trainer(config(&dir.path().join("data"))).await;
+    let url = ht.url();
+    let (r, _) = client(&["--server", &url, "health", "--wait", "120"]).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    let root = dir.path().join("toy");
+    let set = [
+        ("warm", "red", Pattern::Solid, [220, 30, 30]),
+        ("warm", "orange", Pattern::Stripes, [240, 150, 20]),
+        ("cool", "blue", Pattern::Solid, [30, 30, 220]),
+        ("cool", "chess", Pattern::Checker, [0, 0, 0]),
+    ];
+    for (i, (parent, child, pattern, rgb)) in set.into_iter().enumerate() {
+        write_photos(
+            &root.join(parent).join(child),
+            pattern,
+            rgb,
+            4,
+            10 + i as u64,
+        );
+    }
+    let out_dir = dir.path().join("report");
+    let (r, out) = client(&[
+        "--server",
+        &url,
+        "eval",
+        &root.to_string_lossy(),
+        "--shots",
+        "1,2",
+        "--seeds",
+        "2",
+        "--out",
+        &out_dir.to_string_lossy(),
+    ])
+    .await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    for needle in [
+        "## k = 1 (12 test photos per seed)",
+        "## k = 2",
+        "| prototype |",
+        "| flat |",
+        "| hierarchical |",
+        "| warm | red |",
+    ] {
+        assert!(md.contains(needle), "{needle:?} missing from:\n{md}");
+    }
+    for png in ["confusion.png", "accuracy_vs_k.png"] {
+        image::open(out_dir.join(png)).unwrap();
+    }
+    ht.stop().await;
+}
