@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+use feature_server::config::DeviceChoice;
 use feature_server::models::{Backbone, BackboneKind};
 use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess};
 use feature_server::{Config, Server};
@@ -28,6 +29,19 @@ const ROUNDS: usize = 2;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// `TAXON_BENCH_DEVICE=cuda` (in a `--features cuda` build) runs the forward passes and the
+/// server on the GPU; the anchors stay the CPU ones, so read the ratios as "GPU over CPU".
+fn bench_device() -> BenchResult<(Device, DeviceChoice)> {
+    let choice: DeviceChoice = std::env::var("TAXON_BENCH_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()?;
+    let device = match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda(n) => Device::new_cuda(n)?,
+    };
+    Ok((device, choice))
+}
+
 fn main() -> BenchResult<()> {
     let started = Instant::now();
     let (photos, source) = photos(64)?;
@@ -35,8 +49,9 @@ fn main() -> BenchResult<()> {
     let resnet = dir.path().join("resnet18.safetensors");
     feature_server::weights::formula::write_safetensors(BackboneKind::Resnet18, &resnet)?;
 
+    let (device, device_choice) = bench_device()?;
     println!(
-        "feature-server throughput (CPU, {} threads available)",
+        "feature-server throughput ({device_choice}, {} CPU threads available)",
         cores()
     );
     println!("images: {source}; ResNet18 formula weights; fp32 224x224");
@@ -59,16 +74,16 @@ fn main() -> BenchResult<()> {
     for _round in 0..ROUNDS {
         pre_ms = pre_ms.min(preprocess_ms(&photos)?);
         reset_peak_rss();
-        let (backbone, _) = Backbone::load(BackboneKind::Resnet18, &resnet, &Device::Cpu)?;
+        let (backbone, _) = Backbone::load(BackboneKind::Resnet18, &resnet, &device)?;
         for (i, &b) in BATCHES.iter().enumerate() {
-            forward[i] = forward[i].min(forward_ms(&backbone, b, &pixels)?);
+            forward[i] = forward[i].min(forward_ms(&backbone, b, &pixels, &device)?);
         }
         drop(backbone);
         forward_peak = forward_peak.max(peak_rss_kb());
         // The serving peak on its own, not masked by the bare forward passes above.
         reset_peak_rss();
         for (i, &b) in BATCHES.iter().enumerate() {
-            let run = runtime.block_on(end_to_end(&resnet, b, &photos))?;
+            let run = runtime.block_on(end_to_end(&resnet, b, &photos, device_choice))?;
             if run.0 > e2e[i].0 {
                 e2e[i] = run;
             }
@@ -99,12 +114,12 @@ fn main() -> BenchResult<()> {
     if std::env::var_os("TAXON_BENCH_SKIP_MOBILENET").is_none() {
         let mobilenet = dir.path().join("mobilenet_v2.safetensors");
         feature_server::weights::formula::write_safetensors(BackboneKind::MobileNetV2, &mobilenet)?;
-        let (backbone, _) = Backbone::load(BackboneKind::MobileNetV2, &mobilenet, &Device::Cpu)?;
+        let (backbone, _) = Backbone::load(BackboneKind::MobileNetV2, &mobilenet, &device)?;
         println!();
         println!("| MobileNetV2 batch | forward ms/img | forward img/s |");
         println!("|---|---|---|");
         for &b in &BATCHES {
-            let ms = forward_ms(&backbone, b, &pixels)?;
+            let ms = forward_ms(&backbone, b, &pixels, &device)?;
             println!("| {b} | {ms:.1} | {:.1} |", 1000.0 / ms);
         }
     }
@@ -193,11 +208,16 @@ fn preprocess_ms(photos: &[Vec<u8>]) -> BenchResult<f64> {
 
 /// Forward ms per image at batch `b` over preprocessed photos: one untimed pass, then at
 /// least 3 s or 2 passes.
-fn forward_ms(backbone: &Backbone, b: usize, pixels: &[Vec<f32>]) -> BenchResult<f64> {
+fn forward_ms(
+    backbone: &Backbone,
+    b: usize,
+    pixels: &[Vec<f32>],
+    device: &Device,
+) -> BenchResult<f64> {
     // The real photos, preprocessed, so the input is what the server feeds the model.
     let data: Vec<f32> = pixels.iter().cycle().take(b).flatten().copied().collect();
-    let x = Tensor::from_vec(data, (b, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)?;
-    backbone.forward(&x)?;
+    let x = Tensor::from_vec(data, (b, 3, INPUT_SIZE, INPUT_SIZE), device)?;
+    backbone.forward(&x)?.to_vec2::<f32>()?;
     let t = Instant::now();
     let mut images = 0;
     while images < 2 * b || t.elapsed() < Duration::from_secs(3) {
@@ -209,8 +229,14 @@ fn forward_ms(backbone: &Backbone, b: usize, pixels: &[Vec<f32>]) -> BenchResult
 
 /// images/s through a real server (`max_batch = b`) with 4 concurrent streams of the photos,
 /// and the mean batch size the engine formed.
-async fn end_to_end(weights: &Path, b: usize, photos: &[Vec<u8>]) -> BenchResult<(f64, f64)> {
+async fn end_to_end(
+    weights: &Path,
+    b: usize,
+    photos: &[Vec<u8>],
+    device: DeviceChoice,
+) -> BenchResult<(f64, f64)> {
     let config = Config {
+        device,
         backbone: BackboneKind::Resnet18,
         weights: weights.to_path_buf(),
         max_batch: b,

@@ -19,7 +19,12 @@ pub enum Error {
         "image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels \
          (--max-image-pixels); rejected before decoding"
     )]
-    TooManyPixels { width: u32, height: u32, pixels: u64, limit: u64 },
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
     #[error("unsupported image format: {0} (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)")]
     UnsupportedFormat(String),
     #[error("cannot decode image: {0}")]
