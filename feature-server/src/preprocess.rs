@@ -78,6 +78,13 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<image::RgbImage> {
             "unrecognised file signature".into(),
         ));
     };
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // JPEG decoders fill a cut-off scan with grey and report success; a truncated upload
+        // would then be embedded as a different picture. Refuse it instead.
+        return Err(Error::Decode(format!(
+            "{format:?}: truncated file (no end-of-image marker after the last scan)"
+        )));
+    }
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(e, format))?;
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
@@ -106,6 +113,15 @@ pub fn decode_rgb8(bytes: &[u8], limits: &Limits) -> Result<image::RgbImage> {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.into_rgb8(),
     })
+}
+
+/// Whether an end-of-image marker (FF D9) follows the last start-of-scan marker (FF DA).
+/// Entropy-coded data byte-stuffs 0xFF, so neither marker can occur inside it; an EXIF
+/// thumbnail's own scan and EOI come before the main image's scans and do not count.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let last_end = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    matches!((last_scan, last_end), (Some(scan), Some(end)) if end > scan)
 }
 
 fn decode_error(e: ImageError, format: image::ImageFormat) -> Error {
@@ -215,9 +231,13 @@ mod tests {
             let r = preprocess(&PHOTO[..cut], &Limits::default());
             assert!(matches!(r, Err(Error::Decode(_))), "cut at {cut}: {r:?}");
         }
-        // Cut inside the entropy-coded data: decoders may fill the rest, but must not panic.
+        // Cut inside the entropy-coded data, where decoders would fill the rest with grey.
         for cut in [PHOTO.len() / 3, PHOTO.len() / 2, PHOTO.len() - 10] {
-            let _ = preprocess(&PHOTO[..cut], &Limits::default());
+            let r = preprocess(&PHOTO[..cut], &Limits::default());
+            assert!(
+                matches!(&r, Err(Error::Decode(m)) if m.contains("truncated")),
+                "cut at {cut}: {r:?}"
+            );
         }
     }
 
