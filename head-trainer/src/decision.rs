@@ -6,7 +6,8 @@
 //! 1. unknown: the cosine between the centred embedding and the nearest class mean is below
 //!    `unknown_similarity` (the image resembles none of the tenant's classes). Skipped with a
 //!    single class, where "centred by the tenant's mean" leaves no direction to compare;
-//! 2. child: the best child has at least `child_min_probability`;
+//! 2. child: the best child has more than `child_min_probability` (strictly: two children
+//!    tied at 0.5 are exactly the case to back off from);
 //! 3. parent: otherwise, when the best parent (its children's probabilities summed) is a real
 //!    parent and has at least `parent_min_probability`: the children are too close to call,
 //!    the parent is not;
@@ -92,7 +93,7 @@ pub fn decide(
     });
     let decision = if ranked.len() > 1 && similarity.is_some_and(|s| s < t.unknown_similarity) {
         Decision::Unknown
-    } else if best.probability >= t.child_min_probability {
+    } else if best.probability > t.child_min_probability {
         Decision::Child(best.class)
     } else if is_parent(best_group.0) && best_group.1 >= t.parent_min_probability {
         Decision::Parent(best_group.0)
@@ -141,6 +142,13 @@ mod tests {
         let o = decide(&p, Some(0.9), |g| g == DOGS, &Thresholds::default());
         assert_eq!(o.decision, Decision::Parent(DOGS));
         assert!((o.probability - 0.89).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_even_split_backs_off() {
+        let p = [s(1, DOGS, 0.5), s(2, DOGS, 0.5)];
+        let o = decide(&p, Some(0.9), |g| g == DOGS, &Thresholds::default());
+        assert_eq!(o.decision, Decision::Parent(DOGS));
     }
 
     #[test]

@@ -29,8 +29,11 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let weights = root.join("weights/mobilenet_v2.safetensors");
     let pets = root.join("../shared/datasets/pets");
-    println!("== training time vs classes (synthetic 1280-d embeddings, 2 cores) ==");
-    training_table();
+    let only_accuracy = std::env::var("TAXON_BENCH_ONLY").is_ok_and(|v| v == "accuracy");
+    if !only_accuracy {
+        println!("== training time vs classes (synthetic 1280-d embeddings, 2 cores) ==");
+        training_table();
+    }
     if !weights.exists() {
         println!(
             "\n{} not found: make it with `cargo run -p feature-server -- fetch-weights mobilenet_v2`\n\
@@ -53,22 +56,26 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Synthetic embeddings: class centres plus noise, post-ReLU-like (non-negative).
+/// Synthetic embeddings, post-ReLU-like (non-negative): a large component shared by every
+/// class (as in real CNN features), a small class-specific offset, and per-photo noise larger
+/// than the offset, so that training has work to do.
 fn synthetic(classes: usize, per: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let base: Vec<f32> = (0..1280)
+        .map(|_| rng.random_range(0.0f32..1.0).powi(3) * 2.0)
+        .collect();
     let mut rows = Vec::new();
     for c in 0..classes {
-        let centre: Vec<f32> = (0..1280)
-            .map(|_| rng.random_range(0.0f32..1.0).powi(3) * 2.0)
+        let centre: Vec<f32> = base
+            .iter()
+            .map(|b| b + rng.random_range(-0.15f32..0.15))
             .collect();
         for _ in 0..per {
-            rows.push((
-                c as u64,
-                centre
-                    .iter()
-                    .map(|x| (x + rng.random_range(-0.3f32..0.3)).max(0.0))
-                    .collect(),
-            ));
+            let x = centre
+                .iter()
+                .map(|x| (x + rng.random_range(-0.5f32..0.5)).max(0.0))
+                .collect();
+            rows.push((c as u64, x));
         }
     }
     rows
@@ -139,6 +146,10 @@ fn breeds(pets: &Path) -> Vec<(String, String, Vec<Vec<u8>>)> {
 async fn live_and_latency(weights: PathBuf, pets: PathBuf) {
     let fs = start_feature_server(BackboneKind::MobileNetV2, weights).await;
     let dir = tempfile::tempdir().unwrap();
+    if std::env::var("TAXON_BENCH_ONLY").is_ok_and(|v| v == "accuracy") {
+        accuracy(&fs, &breeds(&pets)).await;
+        return;
+    }
     let ht = start_head_trainer(head_trainer::Config::new(vec![fs.url()], dir.path())).await;
     wait_serving(ht.addr, "").await;
     let mut c = classifier(ht.addr);
@@ -205,6 +216,8 @@ async fn live_and_latency(weights: PathBuf, pets: PathBuf) {
         train(kind).await;
     }
 
+    accuracy(&fs, &all).await;
+
     println!("\n== classify latency (one image, live head) ==");
     let probe = all[3].2[9].clone();
     let mut repeated = Vec::new();
@@ -254,4 +267,142 @@ fn report(what: &str, v: &mut [Duration]) {
         p(0.5),
         p(0.99)
     );
+}
+
+/// k-shot child top-1 of every head kind on pets (the anchors' protocol, fewer seeds): a quick
+/// check of the default head before the full `client eval`.
+async fn accuracy(fs: &Running<feature_server::Error>, all: &[(String, String, Vec<Vec<u8>>)]) {
+    use taxon_proto::v1::{EmbedRequest, embed_response, features_client::FeaturesClient};
+    let mut client = FeaturesClient::new(channel(fs.addr))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let mut reqs = Vec::new();
+    for (ci, (_, _, photos)) in all.iter().enumerate() {
+        for (pi, p) in photos.iter().enumerate() {
+            reqs.push(EmbedRequest {
+                id: format!("{ci}/{pi}"),
+                image: p.clone(),
+            });
+        }
+    }
+    let mut stream = client
+        .embed(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut emb: Vec<Vec<Option<Vec<f32>>>> = all.iter().map(|b| vec![None; b.2.len()]).collect();
+    let mut model = String::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        let (ci, pi) = r.id.split_once('/').unwrap();
+        if let Some(embed_response::Result::Embedding(e)) = r.result {
+            model = e.model.clone();
+            emb[ci.parse::<usize>().unwrap()][pi.parse::<usize>().unwrap()] = Some(e.values);
+        }
+    }
+    let parent_of = |c: u64| {
+        if all[c as usize].0 == "cat" {
+            1000
+        } else {
+            1001
+        }
+    };
+    println!(
+        "\n== k-shot child top-1 % on pets (MobileNetV2, 8 seeds; anchors: NCM 62.3/81.2/86.2/87.2, flat 60.3/80.5/84.6/88.0) =="
+    );
+    let variants: Vec<(&str, HeadKind, TrainOptions)> = vec![
+        ("prototype", HeadKind::Prototype, TrainOptions::default()),
+        ("flat", HeadKind::Flat, TrainOptions::default()),
+        (
+            "hierarchical",
+            HeadKind::Hierarchical,
+            TrainOptions::default(),
+        ),
+        ("combined", HeadKind::Combined, TrainOptions::default()),
+        (
+            "comb T.07",
+            HeadKind::Combined,
+            TrainOptions {
+                temperature: 0.07,
+                ..TrainOptions::default()
+            },
+        ),
+        (
+            "T.05 lr3e-3",
+            HeadKind::Combined,
+            TrainOptions {
+                temperature: 0.05,
+                lr: 3e-3,
+                ..TrainOptions::default()
+            },
+        ),
+        (
+            "T.07 lr3e-3",
+            HeadKind::Combined,
+            TrainOptions {
+                temperature: 0.07,
+                lr: 3e-3,
+                ..TrainOptions::default()
+            },
+        ),
+        (
+            "T.05 300st",
+            HeadKind::Combined,
+            TrainOptions {
+                temperature: 0.05,
+                max_steps: 300,
+                ..TrainOptions::default()
+            },
+        ),
+    ];
+    print!(" k");
+    for (name, _, _) in &variants {
+        print!(" {name:>12}");
+    }
+    println!();
+    for k in [1usize, 3, 5, 8] {
+        let mut acc = vec![0f64; variants.len()];
+        let seeds = 8;
+        for seed in 0..seeds {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (mut train, mut test) = (Vec::new(), Vec::new());
+            for (ci, photos) in emb.iter().enumerate() {
+                let mut idx: Vec<usize> =
+                    (0..photos.len()).filter(|&i| photos[i].is_some()).collect();
+                for i in (1..idx.len()).rev() {
+                    idx.swap(i, rng.random_range(0..=i));
+                }
+                for (n, &i) in idx.iter().enumerate() {
+                    let row = (ci as u64, photos[i].clone().unwrap());
+                    if n < k {
+                        train.push(row)
+                    } else {
+                        test.push(row)
+                    }
+                }
+            }
+            let ts = TrainSet::new(&model, &train, parent_of).unwrap();
+            for (ki, (_, kind, opts)) in variants.iter().enumerate() {
+                let head = Head::train(*kind, &ts, None, opts).unwrap();
+                let right = test
+                    .iter()
+                    .filter(|(c, x)| {
+                        let p = head.predict(&model, x).unwrap().probs;
+                        let best = p
+                            .iter()
+                            .enumerate()
+                            .max_by(|a, b| a.1.total_cmp(b.1))
+                            .unwrap()
+                            .0;
+                        head.meta.classes[best] == *c
+                    })
+                    .count();
+                acc[ki] += 100.0 * right as f64 / test.len() as f64 / seeds as f64;
+            }
+        }
+        print!("{k:>2}");
+        for a in &acc {
+            print!(" {a:>12.1}");
+        }
+        println!();
+    }
 }

@@ -119,7 +119,9 @@ impl TrainSet {
     }
 }
 
-/// Knobs of training; the defaults are what the evaluation measured as good and fast.
+/// Knobs of training. Defaults chosen on pets k-shot (MobileNetV2, 8 seeds, `cargo bench -p
+/// taxon-tests --bench enroll`): with temperature 0.05 and lr 3e-3 the combined head scored
+/// 64.6/81.4/85.2/90.2 % at k = 1/3/5/8, prototype 64.6/81.0/85.1/88.5, flat 61.9/79.2/83.3/88.0.
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
     /// Seeds initialisation, so the same examples give the same head.
@@ -130,7 +132,9 @@ pub struct TrainOptions {
     /// Stop once the loss improved by less than this fraction over `patience` steps.
     pub min_improvement: f64,
     pub patience: usize,
-    /// Stop once the loss is below this (the training set is fitted).
+    /// Stop once the loss is below this. Kept tiny: the heads start as nearest class mean,
+    /// whose loss on well-separated data is already small, and stopping there would make
+    /// `flat` a copy of `prototype` instead of a trained linear head.
     pub min_loss: f64,
     /// Weight of the term tying the hierarchical head's child probabilities to its parent
     /// branch (KL); 0 turns it off, as in the research prototype.
@@ -144,13 +148,13 @@ impl Default for TrainOptions {
         Self {
             seed: 0,
             max_steps: 100,
-            lr: 1e-2,
+            lr: 3e-3,
             weight_decay: 1e-4,
             min_improvement: 0.01,
             patience: 10,
-            min_loss: 0.02,
+            min_loss: 1e-3,
             parent_tie: 0.0,
-            temperature: 0.1,
+            temperature: 0.05,
         }
     }
 }
