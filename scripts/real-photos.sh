@@ -31,7 +31,8 @@ cargo run -q $profile_flag -p feature-server --example knn_loo -- \
 
 echo "--- k-shot evaluation through the live services, pets, k = 5, 2 seeds"
 cargo build -q $profile_flag -p feature-server -p head-trainer -p taxon-client
-bin=target/debug; [ "$profile_flag" = "--release" ] && bin=target/release
+target_dir=${CARGO_TARGET_DIR:-target}
+bin=$target_dir/debug; [ "$profile_flag" = "--release" ] && bin=$target_dir/release
 work=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 fport=$(free_port); hport=$(free_port)
