@@ -318,41 +318,6 @@ async fn accuracy(fs: &Running<feature_server::Error>, all: &[(String, String, V
             TrainOptions::default(),
         ),
         ("combined", HeadKind::Combined, TrainOptions::default()),
-        (
-            "comb T.07",
-            HeadKind::Combined,
-            TrainOptions {
-                temperature: 0.07,
-                ..TrainOptions::default()
-            },
-        ),
-        (
-            "T.05 lr3e-3",
-            HeadKind::Combined,
-            TrainOptions {
-                temperature: 0.05,
-                lr: 3e-3,
-                ..TrainOptions::default()
-            },
-        ),
-        (
-            "T.07 lr3e-3",
-            HeadKind::Combined,
-            TrainOptions {
-                temperature: 0.07,
-                lr: 3e-3,
-                ..TrainOptions::default()
-            },
-        ),
-        (
-            "T.05 300st",
-            HeadKind::Combined,
-            TrainOptions {
-                temperature: 0.05,
-                max_steps: 300,
-                ..TrainOptions::default()
-            },
-        ),
     ];
     print!(" k");
     for (name, _, _) in &variants {
