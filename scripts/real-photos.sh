@@ -40,7 +40,7 @@ fport=$(free_port); hport=$(free_port)
   >"$work/feature-server.log" 2>&1 &
 fpid=$!
 "$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
-  --data "$work/data" >"$work/head-trainer.log" 2>&1 &
+  --data "$work/data" --share-embedding-cache >"$work/head-trainer.log" 2>&1 &
 hpid=$!
 cleanup() { kill "$hpid" "$fpid" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT

@@ -20,6 +20,11 @@ pub struct Config {
     pub default_head: HeadKind,
     /// Embeddings of classified photos kept in memory (photos enrolled are in the store).
     pub classify_cache_entries: usize,
+    /// Share that in-memory cache between tenants (and consult it when enrolling). Off by
+    /// default: a shared cache lets one tenant tell, by timing, that another sent the same
+    /// bytes recently. The evaluation turns it on, since its fresh tenant per seed would
+    /// otherwise embed every photo once per seed.
+    pub share_embedding_cache: bool,
     /// Largest photo accepted, in bytes (checked before it is sent anywhere).
     pub max_photo_bytes: usize,
     /// Most photos in one Enroll.
@@ -43,6 +48,7 @@ impl Config {
             tokens_file: None,
             default_head: HeadKind::Combined,
             classify_cache_entries: 8192,
+            share_embedding_cache: false,
             max_photo_bytes: 16 << 20,
             max_photos_per_enroll: 1000,
             thresholds: Thresholds::default(),
@@ -86,6 +92,10 @@ pub struct Args {
     /// Embeddings of classified photos kept in memory.
     #[arg(long, env = "TAXON_CLASSIFY_CACHE_ENTRIES", default_value_t = 8192)]
     pub classify_cache_entries: usize,
+    /// Share the in-memory embedding cache between tenants (faster evaluations; lets a tenant
+    /// infer by timing that another sent the same photo recently).
+    #[arg(long, env = "TAXON_SHARE_EMBEDDING_CACHE")]
+    pub share_embedding_cache: bool,
     /// Largest photo accepted, in bytes.
     #[arg(long, env = "TAXON_MAX_PHOTO_BYTES", default_value_t = 16 << 20)]
     pub max_photo_bytes: usize,
@@ -122,6 +132,7 @@ impl Args {
         c.tokens_file = self.tokens.clone();
         c.default_head = self.default_head.parse()?;
         c.classify_cache_entries = self.classify_cache_entries;
+        c.share_embedding_cache = self.share_embedding_cache;
         c.max_photo_bytes = self.max_photo_bytes;
         c.thresholds = Thresholds {
             unknown_similarity: self.unknown_similarity,

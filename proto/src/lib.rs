@@ -32,4 +32,6 @@ pub mod head_kind {
     pub const PROTOTYPE: &str = "prototype";
     pub const FLAT: &str = "flat";
     pub const HIERARCHICAL: &str = "hierarchical";
+    /// Nearest class mean plus a trained linear correction: the head-trainer's default.
+    pub const COMBINED: &str = "combined";
 }

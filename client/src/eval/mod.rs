@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "prototype,flat,hierarchical"
+        default_value = "prototype,flat,hierarchical,combined"
     )]
     pub heads: Vec<String>,
     /// Where report.md and the pictures go [default: eval-report/<dataset>].
@@ -89,6 +89,7 @@ fn validate(args: &Args) -> Result<()> {
         head_kind::PROTOTYPE,
         head_kind::FLAT,
         head_kind::HIERARCHICAL,
+        head_kind::COMBINED,
     ];
     if let Some(bad) = args.heads.iter().find(|h| !known.contains(&h.as_str())) {
         return Err(Error::Usage(format!(

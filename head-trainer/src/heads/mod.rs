@@ -48,7 +48,7 @@ impl HeadKind {
             Self::Prototype => taxon_proto::head_kind::PROTOTYPE,
             Self::Flat => taxon_proto::head_kind::FLAT,
             Self::Hierarchical => taxon_proto::head_kind::HIERARCHICAL,
-            Self::Combined => "combined",
+            Self::Combined => taxon_proto::head_kind::COMBINED,
         }
     }
 

@@ -212,7 +212,7 @@ async fn embed_chunk(
         if acc.index.contains_key(&hash) {
             acc.accepted += 1;
             acc.cached += 1;
-        } else if let Some(v) = cached {
+        } else if let Some(v) = cached.or_else(|| shared_cached(ctx, tenant, model, &hash)) {
             acc.index.insert(hash, acc.examples.len());
             acc.examples.push((hash, v));
             acc.accepted += 1;
@@ -247,6 +247,19 @@ async fn embed_chunk(
         }
     }
     Ok(())
+}
+
+/// With `--share-embedding-cache`, a photo another tenant classified recently is not embedded
+/// again; without it the lookup is skipped (tenants' caches stay apart).
+fn shared_cached(ctx: &Ctx, tenant: &str, model: &str, hash: &Hash) -> Option<Vec<f32>> {
+    if !ctx.config.share_embedding_cache {
+        return None;
+    }
+    let mut cache = ctx
+        .cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    cache.get(tenant, model, hash).map(|v| v.as_ref().clone())
 }
 
 /// Waits until a trained head of the default kind covering `revision` is live (or its

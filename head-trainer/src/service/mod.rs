@@ -42,7 +42,10 @@ impl Ctx {
         features: Arc<dyn EmbeddingSource>,
         auth: Auth,
     ) -> Self {
-        let cache = Mutex::new(EmbeddingLru::new(config.classify_cache_entries));
+        let cache = Mutex::new(EmbeddingLru::new(
+            config.classify_cache_entries,
+            config.share_embedding_cache,
+        ));
         Self {
             config,
             tenants,
