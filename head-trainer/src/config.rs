@@ -16,7 +16,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// File of `token tenant` lines; when set, every request needs a valid bearer token.
     pub tokens_file: Option<PathBuf>,
-    /// The head kind that becomes live once trained (and that Enroll trains).
+    /// The head kind that becomes live once trained (and that Enroll trains). `prototype` by
+    /// default: on the k-shot evaluation (docs/evaluation.md) no trained head beats it reliably.
     pub default_head: HeadKind,
     /// Embeddings of classified photos kept in memory (photos enrolled are in the store).
     pub classify_cache_entries: usize,
@@ -46,7 +47,7 @@ impl Config {
             features_urls,
             data_dir: data_dir.into(),
             tokens_file: None,
-            default_head: HeadKind::Combined,
+            default_head: HeadKind::Prototype,
             classify_cache_entries: 8192,
             share_embedding_cache: false,
             max_photo_bytes: 16 << 20,
@@ -87,7 +88,7 @@ pub struct Args {
     #[arg(long, env = "TAXON_TOKENS")]
     pub tokens: Option<PathBuf>,
     /// Head kind made live once trained: prototype, flat, hierarchical or combined.
-    #[arg(long, env = "TAXON_DEFAULT_HEAD", default_value = "combined")]
+    #[arg(long, env = "TAXON_DEFAULT_HEAD", default_value = "prototype")]
     pub default_head: String,
     /// Embeddings of classified photos kept in memory.
     #[arg(long, env = "TAXON_CLASSIFY_CACHE_ENTRIES", default_value_t = 8192)]

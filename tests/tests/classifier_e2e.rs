@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use head_trainer::heads::HeadKind;
 use taxon_proto::v1::*;
 use taxon_tests::*;
 use tonic::Code;
@@ -17,11 +18,13 @@ const RED: [u8; 3] = [220, 30, 30];
 const BLUE: [u8; 3] = [30, 30, 220];
 const GREEN: [u8; 3] = [30, 200, 30];
 
-/// Test config: small photo limit (so an oversized photo is cheap to send) and an open-set
+/// Test config: small photo limit (so an oversized photo is cheap to send), an open-set
 /// threshold placed between what these synthetic classes score (known >= 0.59, checkerboard
-/// 0.29 under formula weights).
+/// 0.29 under formula weights), and a trained default head (`combined`), so that training,
+/// the atomic swap and head persistence are what these tests exercise.
 fn config(data: &std::path::Path) -> head_trainer::Config {
     let mut c = head_trainer::Config::new(vec![shared_feature_server()], data);
+    c.default_head = HeadKind::Combined;
     c.max_photo_bytes = 256 << 10;
     c.thresholds.unknown_similarity = 0.45;
     c
@@ -748,6 +751,7 @@ fn crash_child() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("LISTENING {}", listener.local_addr().unwrap());
         let mut cfg = head_trainer::Config::new(vec![features], data);
+        cfg.default_head = HeadKind::Combined;
         cfg.thresholds.unknown_similarity = 0.45;
         head_trainer::run(listener, cfg, std::future::pending())
             .await
