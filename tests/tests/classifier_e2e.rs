@@ -48,6 +48,36 @@ async fn classify(
     .map(tonic::Response::into_inner)
 }
 
+async fn remove(
+    c: &mut Client,
+    md: &[(&'static str, &str)],
+    name: &str,
+    recursive: bool,
+) -> Result<RemoveClassResponse, tonic::Status> {
+    let req = RemoveClassRequest {
+        name: name.into(),
+        recursive,
+    };
+    c.remove_class(request(req, md))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn rename(
+    c: &mut Client,
+    md: &[(&'static str, &str)],
+    name: &str,
+    new_name: &str,
+) -> Result<RenameClassResponse, tonic::Status> {
+    let req = RenameClassRequest {
+        name: name.into(),
+        new_name: new_name.into(),
+    };
+    c.rename_class(request(req, md))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 async fn list(c: &mut Client, md: &[(&'static str, &str)]) -> ListClassesResponse {
     c.list_classes(request(ListClassesRequest {}, md))
         .await
@@ -121,17 +151,7 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
         (r.label.as_str(), r.decision),
         ("solo", Decision::Child as i32)
     );
-    let removed = c
-        .remove_class(request(
-            RemoveClassRequest {
-                name: "solo".into(),
-                recursive: false,
-            },
-            md,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let removed = remove(&mut c, md, "solo", false).await.unwrap();
     assert_eq!(
         (removed.removed_classes, removed.removed_examples),
         (vec!["solo".to_string()], 2)
@@ -255,17 +275,7 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
     let version = l.head_version;
 
     // Rename: no photos, same head.
-    let rn = c
-        .rename_class(request(
-            RenameClassRequest {
-                name: "blue".into(),
-                new_name: "navy".into(),
-            },
-            md,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let rn = rename(&mut c, md, "blue", "navy").await.unwrap();
     assert_eq!(rn.head_version, version, "a rename does not retrain");
     let r = classify(&mut c, md, png(Pattern::Solid, BLUE, 97), "")
         .await
@@ -273,28 +283,9 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
     assert_eq!((r.label.as_str(), r.head_version), ("navy", version));
 
     // Remove a parent with its children: gone from listings and answers at once.
-    let e = c
-        .remove_class(request(
-            RemoveClassRequest {
-                name: "reds".into(),
-                recursive: false,
-            },
-            md,
-        ))
-        .await
-        .unwrap_err();
+    let e = remove(&mut c, md, "reds", false).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    let rm = c
-        .remove_class(request(
-            RemoveClassRequest {
-                name: "reds".into(),
-                recursive: true,
-            },
-            md,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let rm = remove(&mut c, md, "reds", true).await.unwrap();
     assert_eq!(rm.removed_classes.len(), 3);
     assert_eq!(rm.removed_examples, 8);
     let l = list(&mut c, md).await;
@@ -414,16 +405,7 @@ async fn tenants_are_isolated_and_tokens_decide_the_tenant() {
     .await
     .unwrap();
     assert_eq!(r.cached, 0, "another tenant's photos are not a cache hit");
-    let e = c
-        .remove_class(request(
-            RemoveClassRequest {
-                name: "mug".into(),
-                recursive: false,
-            },
-            beta,
-        ))
-        .await
-        .unwrap_err();
+    let e = remove(&mut c, beta, "mug", false).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let names: Vec<String> = list(&mut c, alpha)
         .await
@@ -559,27 +541,9 @@ async fn bad_input_gets_clear_codes_and_writes_nothing() {
     assert_eq!(names, vec!["mixed"], "failed enrolls created nothing");
 
     // Unknown classes, taken names, unknown head kinds, enrolling into a parent.
-    let e = c
-        .remove_class(request(
-            RemoveClassRequest {
-                name: "nope".into(),
-                recursive: true,
-            },
-            md,
-        ))
-        .await
-        .unwrap_err();
+    let e = remove(&mut c, md, "nope", true).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .rename_class(request(
-            RenameClassRequest {
-                name: "nope".into(),
-                new_name: "x".into(),
-            },
-            md,
-        ))
-        .await
-        .unwrap_err();
+    let e = rename(&mut c, md, "nope", "x").await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     enroll(
         &mut c,
@@ -591,27 +555,9 @@ async fn bad_input_gets_clear_codes_and_writes_nothing() {
     )
     .await
     .unwrap();
-    let e = c
-        .rename_class(request(
-            RenameClassRequest {
-                name: "mixed".into(),
-                new_name: "child".into(),
-            },
-            md,
-        ))
-        .await
-        .unwrap_err();
+    let e = rename(&mut c, md, "mixed", "child").await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
-    let e = c
-        .rename_class(request(
-            RenameClassRequest {
-                name: "mixed".into(),
-                new_name: String::new(),
-            },
-            md,
-        ))
-        .await
-        .unwrap_err();
+    let e = rename(&mut c, md, "mixed", "").await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = enroll(
         &mut c,
