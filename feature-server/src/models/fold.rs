@@ -29,6 +29,22 @@ pub struct ConvSpec {
 }
 
 impl ConvSpec {
+    /// Appends the state-dict names and shapes of this convolution (`{conv}.weight`, no bias)
+    /// and of the batch-norm after it (`{bn}.weight|bias|running_mean|running_var`), as
+    /// torchvision lays out every conv + batch-norm pair of both backbones.
+    pub fn push_state_dict_shapes(
+        &self,
+        out: &mut Vec<(String, Vec<usize>)>,
+        conv: &str,
+        bn: &str,
+    ) {
+        let (o, i, k, _) = self.weight_shape();
+        out.push((format!("{conv}.weight"), vec![o, i, k, k]));
+        for p in ["weight", "bias", "running_mean", "running_var"] {
+            out.push((format!("{bn}.{p}"), vec![o]));
+        }
+    }
+
     pub fn new(c_in: usize, c_out: usize, kernel: usize, stride: usize) -> Self {
         Self {
             c_in,

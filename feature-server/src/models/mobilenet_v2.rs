@@ -149,11 +149,7 @@ impl MobileNetV2 {
 pub fn state_dict_shapes() -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
     let mut conv_bn = |conv: String, bn: String, spec: ConvSpec| {
-        let (o, i, k, _) = spec.weight_shape();
-        out.push((format!("{conv}.weight"), vec![o, i, k, k]));
-        for p in ["weight", "bias", "running_mean", "running_var"] {
-            out.push((format!("{bn}.{p}"), vec![o]));
-        }
+        spec.push_state_dict_shapes(&mut out, &conv, &bn)
     };
     conv_bn(
         "features.0.0".into(),

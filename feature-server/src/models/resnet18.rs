@@ -124,11 +124,7 @@ impl ResNet18 {
 pub fn state_dict_shapes() -> Vec<(String, Vec<usize>)> {
     let mut out = Vec::new();
     let mut conv_bn = |conv: String, bn: String, spec: ConvSpec| {
-        let (o, i, k, _) = spec.weight_shape();
-        out.push((format!("{conv}.weight"), vec![o, i, k, k]));
-        for p in ["weight", "bias", "running_mean", "running_var"] {
-            out.push((format!("{bn}.{p}"), vec![o]));
-        }
+        spec.push_state_dict_shapes(&mut out, &conv, &bn)
     };
     conv_bn("conv1".into(), "bn1".into(), ConvSpec::new(3, 64, 7, 2));
     let mut c_in = 64;
