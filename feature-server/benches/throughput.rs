@@ -262,6 +262,7 @@ async fn end_to_end(
             .map(|i| EmbedRequest {
                 id: format!("{s}-{i}"),
                 image: photos[(s * per_stream + i) % photos.len()].clone(),
+                ..Default::default()
             })
             .collect();
         tasks.push(tokio::spawn(async move {

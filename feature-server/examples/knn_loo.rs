@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use feature_server::models::{Backbone, BackboneKind};
-use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess};
+use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess_at};
 use feature_server::weights::fetch;
 
 #[derive(Parser, Debug)]
@@ -55,6 +55,9 @@ struct Args {
     /// Embed the horizontal mirror of every photo instead (to study flip augmentation).
     #[arg(long)]
     flip: bool,
+    /// Shorter side before the 224 center crop (256 = the ImageNet recipe; 224 sees more).
+    #[arg(long, default_value_t = 256)]
+    resize: u32,
 }
 
 struct Item {
@@ -108,7 +111,7 @@ fn scan(root: &Path) -> anyhow::Result<Vec<Item>> {
 }
 
 /// Decodes and preprocesses a batch on all cores (the network then uses them all too).
-fn preprocess_batch(paths: &[&Path]) -> anyhow::Result<Vec<f32>> {
+fn preprocess_batch(paths: &[&Path], resize: u32) -> anyhow::Result<Vec<f32>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = paths.len().div_ceil(threads).max(1);
     let parts: Vec<anyhow::Result<Vec<f32>>> = std::thread::scope(|s| {
@@ -120,7 +123,7 @@ fn preprocess_batch(paths: &[&Path]) -> anyhow::Result<Vec<f32>> {
                     for p in chunk {
                         let bytes = std::fs::read(p).with_context(|| p.display().to_string())?;
                         out.extend(
-                            preprocess(&bytes, &Limits::default())
+                            preprocess_at(&bytes, &Limits::default(), resize)
                                 .with_context(|| p.display().to_string())?,
                         );
                     }
@@ -211,7 +214,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut emb: Vec<Vec<f32>> = Vec::with_capacity(items.len());
     for chunk in items.chunks(args.batch.max(1)) {
         let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
-        let data = preprocess_batch(&paths)?;
+        let data = preprocess_batch(&paths, args.resize)?;
         let mut x = Tensor::from_vec(data, (chunk.len(), 3, INPUT_SIZE, INPUT_SIZE), &device)?;
         if args.flip {
             x = x.flip(&[3])?;

@@ -29,6 +29,8 @@ pub enum Error {
     UnsupportedFormat(String),
     #[error("cannot decode image: {0}")]
     Decode(String),
+    #[error("unknown view set {0} (known: 0 = VIEW_SET_CENTER, 1 = VIEW_SET_SCALES_AND_MIRRORS)")]
+    UnknownViewSet(i32),
 
     // --- capacity and lifecycle -----------------------------------------------------------
     #[error("the batching queue is full ({capacity} items waiting); retry later")]
@@ -68,7 +70,8 @@ impl Error {
             | Error::ImageTooLarge { .. }
             | Error::TooManyPixels { .. }
             | Error::UnsupportedFormat(_)
-            | Error::Decode(_) => Code::InvalidArgument,
+            | Error::Decode(_)
+            | Error::UnknownViewSet(_) => Code::InvalidArgument,
             Error::QueueFull { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::Config(_) => Code::InvalidArgument,

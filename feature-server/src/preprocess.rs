@@ -46,17 +46,83 @@ impl Default for Limits {
 
 /// Bytes -> normalized CHW f32 of length `3 * 224 * 224`. Bad input is an error, never a panic.
 pub fn preprocess(bytes: &[u8], limits: &Limits) -> Result<Vec<f32>> {
+    preprocess_at(bytes, limits, RESIZE_SIZE)
+}
+
+/// [`preprocess`] with the shorter side resized to `shorter_side` (at least 224) before the
+/// crop: 256 is the ImageNet recipe; 224 keeps the whole shorter side in view.
+pub fn preprocess_at(bytes: &[u8], limits: &Limits, shorter_side: u32) -> Result<Vec<f32>> {
+    let view = View {
+        shorter_side,
+        mirrored: false,
+    };
+    let mut views = preprocess_views(bytes, limits, &[view])?;
+    Ok(views.pop().unwrap_or_default())
+}
+
+/// One crop of a photo: the shorter side resized to `shorter_side`, center crop 224.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub shorter_side: u32,
+    /// Left and right swapped: a mirrored photo shows the same thing.
+    pub mirrored: bool,
+}
+
+impl View {
+    pub const CENTER: View = View {
+        shorter_side: RESIZE_SIZE,
+        mirrored: false,
+    };
+}
+
+/// The views of `taxon.v1.ViewSet::ScalesAndMirrors`: the whole shorter side and a closer
+/// crop, each also mirrored. Chosen on the pets and birds evaluations (docs/evaluation.md):
+/// these four beat the ImageNet crop with its mirror, and beat six views that add it.
+pub const SCALES_AND_MIRRORS: [View; 4] = [
+    View {
+        shorter_side: 224,
+        mirrored: false,
+    },
+    View {
+        shorter_side: 224,
+        mirrored: true,
+    },
+    View {
+        shorter_side: 288,
+        mirrored: false,
+    },
+    View {
+        shorter_side: 288,
+        mirrored: true,
+    },
+];
+
+/// Decodes once and returns one normalized CHW tensor per view, in the order given.
+pub fn preprocess_views(bytes: &[u8], limits: &Limits, views: &[View]) -> Result<Vec<Vec<f32>>> {
     let rgb = decode_rgb8(bytes, limits)?;
     let (w, h) = rgb.dimensions();
-    let (rw, rh) = resized_size(w, h);
     let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3)
         .map_err(|e| Error::Decode(format!("decoded buffer: {e}")))?;
-    let mut dst = Image::new(rw, rh, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .map_err(|e| Error::Decode(format!("resize: {e}")))?;
-    Ok(crop_normalize(dst.buffer(), rw as usize, rh as usize))
+    let mut resizer = Resizer::new();
+    let mut resized: Option<(u32, Image)> = None;
+    let mut out = Vec::with_capacity(views.len());
+    for view in views {
+        let side = view.shorter_side.max(INPUT_SIZE as u32);
+        if resized.as_ref().is_none_or(|(s, _)| *s != side) {
+            let (rw, rh) = resized_size_to(w, h, side);
+            let mut dst = Image::new(rw, rh, PixelType::U8x3);
+            resizer
+                .resize(&src, &mut dst, &options)
+                .map_err(|e| Error::Decode(format!("resize: {e}")))?;
+            resized = Some((side, dst));
+        }
+        if let Some((_, dst)) = &resized {
+            let (rw, rh) = (dst.width() as usize, dst.height() as usize);
+            out.push(crop_normalize(dst.buffer(), rw, rh, view.mirrored));
+        }
+    }
+    Ok(out)
 }
 
 /// Decodes to 8-bit RGB, upright, after checking the limits.
@@ -135,12 +201,16 @@ fn decode_error(e: ImageError, format: image::ImageFormat) -> Error {
 /// torchvision's `Resize(256)`: the shorter side becomes 256 and the longer side
 /// `int(256 * long / short)` (rounded down, computed in f64 as Python does).
 pub fn resized_size(w: u32, h: u32) -> (u32, u32) {
+    resized_size_to(w, h, RESIZE_SIZE)
+}
+
+fn resized_size_to(w: u32, h: u32, shorter_side: u32) -> (u32, u32) {
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
-    let new_long = (f64::from(RESIZE_SIZE) * f64::from(long) / f64::from(short)) as u32;
+    let new_long = (f64::from(shorter_side) * f64::from(long) / f64::from(short)) as u32;
     if w <= h {
-        (RESIZE_SIZE, new_long)
+        (shorter_side, new_long)
     } else {
-        (new_long, RESIZE_SIZE)
+        (new_long, shorter_side)
     }
 }
 
@@ -151,9 +221,9 @@ pub fn crop_offset(size: usize) -> usize {
         .max(0.0) as usize
 }
 
-/// Center crop of an interleaved RGB buffer, scaled to [0, 1] and normalized, laid out CHW.
+/// Center crop of an interleaved RGB buffer (optionally mirrored), scaled to [0, 1] and normalized, laid out CHW.
 /// The arithmetic order is torchvision's (`x / 255`, then `(x - mean) / std`, in f32).
-fn crop_normalize(rgb: &[u8], w: usize, h: usize) -> Vec<f32> {
+fn crop_normalize(rgb: &[u8], w: usize, h: usize, mirrored: bool) -> Vec<f32> {
     let (top, left) = (crop_offset(h), crop_offset(w));
     let plane = INPUT_SIZE * INPUT_SIZE;
     let mut out = vec![0f32; 3 * plane];
@@ -164,6 +234,7 @@ fn crop_normalize(rgb: &[u8], w: usize, h: usize) -> Vec<f32> {
         let row = &rgb[row_start..row_start + INPUT_SIZE * 3];
         let at = y * INPUT_SIZE;
         for (x, px) in row.chunks_exact(3).enumerate() {
+            let x = if mirrored { INPUT_SIZE - 1 - x } else { x };
             r[at + x] = (f32::from(px[0]) / 255.0 - MEAN[0]) / STD[0];
             g[at + x] = (f32::from(px[1]) / 255.0 - MEAN[1]) / STD[1];
             b[at + x] = (f32::from(px[2]) / 255.0 - MEAN[2]) / STD[2];
@@ -196,6 +267,24 @@ mod tests {
         let t = preprocess(PHOTO, &Limits::default()).expect("fixture decodes");
         assert_eq!(t.len(), 3 * INPUT_SIZE * INPUT_SIZE);
         assert!(t.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn views_share_one_decode_and_mirror_exactly() {
+        let limits = Limits::default();
+        let views = preprocess_views(PHOTO, &limits, &SCALES_AND_MIRRORS).expect("views");
+        assert_eq!(views.len(), 4);
+        assert_eq!(views[0], preprocess_at(PHOTO, &limits, 224).expect("224"));
+        assert_eq!(views[2], preprocess_at(PHOTO, &limits, 288).expect("288"));
+        assert_ne!(views[0], views[2]);
+        let row = INPUT_SIZE;
+        for (plain, mirrored) in [(&views[0], &views[1]), (&views[2], &views[3])] {
+            for (a, b) in plain.chunks_exact(row).zip(mirrored.chunks_exact(row)) {
+                assert!(a.iter().eq(b.iter().rev()), "a row is not its mirror's reverse");
+            }
+        }
+        let center = preprocess_views(PHOTO, &limits, &[View::CENTER]).expect("center");
+        assert_eq!(center[0], preprocess(PHOTO, &limits).expect("recipe"));
     }
 
     #[test]

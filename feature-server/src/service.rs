@@ -16,7 +16,8 @@ use std::time::Duration;
 use futures::stream::{FuturesUnordered, StreamExt};
 use taxon_proto::v1::features_server::Features;
 use taxon_proto::v1::{
-    EmbedRequest, EmbedResponse, Embedding, InfoRequest, ItemError, ModelInfo, embed_response,
+    EmbedRequest, EmbedResponse, Embedding, InfoRequest, ItemError, ModelInfo, ViewSet,
+    embed_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,6 +28,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::engine::{Engine, ModelMeta, StreamGuard};
 use crate::error::Error;
+use crate::preprocess::{SCALES_AND_MIRRORS, View};
 
 /// The service state shared by every call.
 pub struct FeaturesService {
@@ -189,9 +191,26 @@ impl StreamDriver {
 
 /// One item through the engine, as the response the client sees.
 async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> EmbedResponse {
-    let EmbedRequest { id, image } = request;
-    let result = match engine.embed(image).await {
-        Ok(values) => embed_response::Result::Embedding(Embedding { values, model }),
+    let EmbedRequest { id, image, views } = request;
+    let (views, view_set) = match ViewSet::try_from(views) {
+        Ok(ViewSet::Center) => (&[View::CENTER][..], ViewSet::Center),
+        Ok(ViewSet::ScalesAndMirrors) => (&SCALES_AND_MIRRORS[..], ViewSet::ScalesAndMirrors),
+        Err(_) => {
+            let err = Error::UnknownViewSet(views);
+            return EmbedResponse {
+                id,
+                result: Some(embed_response::Result::Error(ItemError {
+                    code: err.code() as i32,
+                    message: err.to_string(),
+                })),
+            };
+        }
+    };
+    let result = match engine.embed_views(image, views).await {
+        Ok(values) => embed_response::Result::Embedding(Embedding {
+            values,
+            model: taxon_proto::embedding_identity(&model, view_set),
+        }),
         Err(err) => {
             tracing::debug!(%id, error = %err, "item failed");
             embed_response::Result::Error(ItemError {

@@ -14,8 +14,10 @@ use candle_core::{Device, Tensor};
 use common::*;
 use feature_server::Config;
 use feature_server::models::{Backbone, BackboneKind};
-use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess};
-use taxon_proto::v1::InfoRequest;
+use feature_server::preprocess::{
+    INPUT_SIZE, Limits, SCALES_AND_MIRRORS, preprocess, preprocess_views,
+};
+use taxon_proto::v1::{EmbedRequest, InfoRequest, ViewSet};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -132,6 +134,61 @@ async fn info_and_embeddings_match_the_in_process_backbone() {
         let diff = relative_diff(got, &expected[0]);
         assert!(diff < 1e-4, "img{i}: relative difference {diff}");
     }
+    drop(dir);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_set_embeds_the_mean_of_its_views_and_says_so_in_the_identity() {
+    let server = TestServer::real(BackboneKind::MobileNetV2, small_config()).await;
+    let mut client = server.client().await;
+    let info = client.info(InfoRequest {}).await.expect("info").into_inner();
+    let photo = std::fs::read(fixture("f_wide.jpg")).expect("fixture");
+    let requests = vec![
+        EmbedRequest {
+            views: ViewSet::ScalesAndMirrors as i32,
+            ..request("four", photo.clone())
+        },
+        EmbedRequest {
+            views: 99,
+            ..request("unknown-set", photo.clone())
+        },
+        request("center", photo.clone()),
+    ];
+    let answers = embed_all(&mut client, requests).await;
+    assert!(answers.end.is_none(), "{:?}", answers.end);
+    let refused = answers.items["unknown-set"].as_ref().expect_err("refused");
+    assert_eq!(refused.code, Code::InvalidArgument as i32);
+    assert!(refused.message.contains("99"), "{}", refused.message);
+    let mut models = answers.models.clone();
+    models.sort();
+    assert_eq!(
+        models,
+        vec![
+            info.model.clone(),
+            taxon_proto::embedding_identity(&info.model, ViewSet::ScalesAndMirrors)
+        ]
+    );
+
+    let (dir, weights) = formula_weights(BackboneKind::MobileNetV2);
+    let (backbone, _) =
+        Backbone::load(BackboneKind::MobileNetV2, &weights, &Device::Cpu).expect("load");
+    let views = preprocess_views(&photo, &Limits::default(), &SCALES_AND_MIRRORS).expect("views");
+    let x = Tensor::from_vec(views.concat(), (4, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)
+        .expect("tensor");
+    let expected = backbone
+        .forward(&x)
+        .and_then(|y| y.mean(0))
+        .and_then(|y| y.to_vec1::<f32>())
+        .expect("forward");
+    let four = answers.items["four"].as_ref().expect("embedded");
+    let diff = relative_diff(four, &expected);
+    assert!(diff < 1e-4, "mean of four views: relative difference {diff}");
+    let center = answers.items["center"].as_ref().expect("embedded");
+    assert!(
+        relative_diff(four, center) > 1e-3,
+        "four views gave the center crop's embedding"
+    );
     drop(dir);
     server.shutdown().await.expect("clean shutdown");
 }

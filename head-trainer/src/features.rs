@@ -7,7 +7,8 @@
 //! its stream going (`connect_timeout`: when every server is down, Enroll and Classify fail
 //! in about that long) and one for the whole call; an UNAVAILABLE answer is retried once,
 //! which hides a single replica dying mid-call. The model identity comes from `Info`, fetched
-//! in the background until a server answers; until then there is no identity and every call
+//! in the background until a server answers (with the view set appended, as every embedding
+//! carries it); until then there is no identity and every call
 //! that needs one answers UNAVAILABLE (and health says NOT_SERVING).
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use taxon_proto::v1::features_client::FeaturesClient;
-use taxon_proto::v1::{EmbedRequest, InfoRequest, ModelInfo, embed_response};
+use taxon_proto::v1::{EmbedRequest, InfoRequest, ModelInfo, ViewSet, embed_response};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
@@ -46,6 +47,9 @@ pub struct Timeouts {
 /// The gRPC client of the feature-servers.
 pub struct FeatureClient {
     client: FeaturesClient<Channel>,
+    /// Asked for on every Embed; part of the identity (`info.model`) the rest of the service
+    /// sees, so the cache and the heads never mix embeddings of different view sets.
+    views: ViewSet,
     info: watch::Sender<Option<Arc<ModelInfo>>>,
     timeouts: Timeouts,
 }
@@ -57,6 +61,7 @@ impl FeatureClient {
         urls: &[String],
         timeouts: Timeouts,
         max_message_bytes: usize,
+        views: ViewSet,
     ) -> Result<Arc<Self>> {
         if urls.is_empty() {
             return Err(Error::InvalidArgument("no --features-url given".into()));
@@ -77,6 +82,7 @@ impl FeatureClient {
         let (info, _) = watch::channel(None);
         let this = Arc::new(Self {
             client,
+            views,
             info,
             timeouts,
         });
@@ -91,7 +97,8 @@ impl FeatureClient {
             let mut client = self.client.clone();
             match tokio::time::timeout(self.timeouts.connect, client.info(InfoRequest {})).await {
                 Ok(Ok(resp)) => {
-                    let info = resp.into_inner();
+                    let mut info = resp.into_inner();
+                    info.model = taxon_proto::embedding_identity(&info.model, self.views);
                     tracing::info!(model = %info.model, dim = info.dim, "feature-server reachable");
                     self.info.send_replace(Some(Arc::new(info)));
                     return;
@@ -117,6 +124,7 @@ impl FeatureClient {
             .map(|(i, (_, image))| EmbedRequest {
                 id: i.to_string(),
                 image: image.clone(),
+                views: self.views as i32,
             })
             .collect();
         let mut client = self.client.clone();

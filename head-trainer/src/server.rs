@@ -38,6 +38,7 @@ pub async fn run(
             request: config.request_timeout,
         },
         max_message.max(64 << 20),
+        config.views,
     )?;
     run_with_source(listener, config, features, shutdown).await
 }

@@ -27,6 +27,15 @@ pub fn model_identity(backbone: &str, weights_sha256: &str) -> String {
     format!("{backbone}@sha256:{weights_sha256}")
 }
 
+/// The identity of embeddings made from `model` (a [`model_identity`]) with a view set: views
+/// change the embedding, so embeddings from different view sets must never be mixed either.
+pub fn embedding_identity(model: &str, views: v1::ViewSet) -> String {
+    match views {
+        v1::ViewSet::Center => model.to_string(),
+        v1::ViewSet::ScalesAndMirrors => format!("{model}+scales-mirrors"),
+    }
+}
+
 /// Head kinds as they appear on the wire (`ClassifyRequest.head`, `TrainRequest.head`).
 pub mod head_kind {
     pub const PROTOTYPE: &str = "prototype";

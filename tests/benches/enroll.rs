@@ -272,7 +272,7 @@ fn report(what: &str, v: &mut [Duration]) {
 /// k-shot child top-1 of every head kind on pets (the anchors' protocol, fewer seeds): a quick
 /// check of the default head before the full `client eval`.
 async fn accuracy(fs: &Running<feature_server::Error>, all: &[(String, String, Vec<Vec<u8>>)]) {
-    use taxon_proto::v1::{EmbedRequest, embed_response, features_client::FeaturesClient};
+    use taxon_proto::v1::{EmbedRequest, ViewSet, embed_response, features_client::FeaturesClient};
     let mut client = FeaturesClient::new(channel(fs.addr))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -282,6 +282,8 @@ async fn accuracy(fs: &Running<feature_server::Error>, all: &[(String, String, V
             reqs.push(EmbedRequest {
                 id: format!("{ci}/{pi}"),
                 image: p.clone(),
+                // The head-trainer's default, so the heads see what they see in service.
+                views: ViewSet::ScalesAndMirrors as i32,
             });
         }
     }

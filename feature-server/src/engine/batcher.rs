@@ -20,7 +20,12 @@ use crate::preprocess::INPUT_SIZE;
 /// Floats in one preprocessed image.
 pub(crate) const ITEM_LEN: usize = 3 * INPUT_SIZE * INPUT_SIZE;
 
-/// One preprocessed image on its way to the model.
+/// Most views one item may carry (`taxon.v1.ViewSet::ScalesAndMirrors` has four).
+pub(crate) const MAX_VIEWS: usize = 4;
+
+/// One preprocessed item on its way to the model: one or more views of one image, laid end to
+/// end; its embedding is the mean of theirs. The views travel together so that an item takes
+/// one queue slot and is answered from one batch.
 pub(crate) struct Job {
     pub pixels: Vec<f32>,
     pub reply: oneshot::Sender<Result<Vec<f32>>>,
@@ -50,13 +55,16 @@ impl Batcher {
     }
 
     /// Fills a batch behind `first`: whatever is already queued, then whatever arrives before
-    /// the first item has waited `max_wait`.
+    /// the first item has waited `max_wait`. `max_batch` counts images (views), so a batch may
+    /// pass it by the views of its last item, at most `MAX_VIEWS - 1`.
     fn gather(&self, first: Job, rx: &Receiver<Job>) -> Vec<Job> {
         let deadline = Instant::now() + self.max_wait;
+        let mut images = first.pixels.len() / ITEM_LEN;
         let mut batch = vec![first];
-        while batch.len() < self.max_batch {
+        while images < self.max_batch {
             match rx.try_recv() {
                 Ok(job) => {
+                    images += job.pixels.len() / ITEM_LEN;
                     batch.push(job);
                     continue;
                 }
@@ -68,7 +76,10 @@ impl Batcher {
                 break;
             }
             match rx.recv_timeout(left) {
-                Ok(job) => batch.push(job),
+                Ok(job) => {
+                    images += job.pixels.len() / ITEM_LEN;
+                    batch.push(job);
+                }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
@@ -89,39 +100,41 @@ impl Batcher {
             if reply.is_closed() {
                 continue;
             }
-            if pixels.len() != ITEM_LEN {
+            let views = pixels.len() / ITEM_LEN;
+            if pixels.len() % ITEM_LEN != 0 || !(1..=MAX_VIEWS).contains(&views) {
                 let got = pixels.len();
                 let _ = reply.send(Err(Error::Internal(format!(
-                    "preprocessed image has {got} values, expected {ITEM_LEN}"
+                    "preprocessed item has {got} values, expected 1 to {MAX_VIEWS} times {ITEM_LEN}"
                 ))));
                 continue;
             }
-            live.push((pixels, reply));
+            live.push((pixels, views, reply));
         }
         if live.is_empty() {
             return;
         }
-        let n = live.len();
+        let n: usize = live.iter().map(|(_, views, _)| views).sum();
         let started = Instant::now();
         let mut input = Vec::with_capacity(n * ITEM_LEN);
-        let mut replies = Vec::with_capacity(n);
-        for (pixels, reply) in live {
+        let mut replies = Vec::with_capacity(live.len());
+        for (pixels, views, reply) in live {
             input.extend_from_slice(&pixels);
-            replies.push(reply);
+            replies.push((views, reply));
         }
         let result = self.forward(input, n);
         // Counted before anyone is answered, so a client that has its answer sees the count.
         self.stats.record(n);
         match result {
             Ok(rows) => {
-                for (row, reply) in rows.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(row));
+                let mut rows = rows.into_iter();
+                for (views, reply) in replies {
+                    let _ = reply.send(Ok(mean(rows.by_ref().take(views))));
                 }
             }
             Err(err) => {
                 tracing::error!(batch = n, error = %err, "forward pass failed; failing its items");
                 let message = err.to_string();
-                for reply in replies {
+                for (_, reply) in replies {
                     let _ = reply.send(Err(Error::Internal(message.clone())));
                 }
             }
@@ -155,5 +168,41 @@ impl Batcher {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(Error::Internal(format!("forward pass panicked: {what}")))
         })
+    }
+}
+
+/// The element-wise mean of one item's view embeddings (the one row itself for one view).
+fn mean(rows: impl Iterator<Item = Vec<f32>>) -> Vec<f32> {
+    let mut count = 0usize;
+    let mut sum: Vec<f32> = Vec::new();
+    for row in rows {
+        if count == 0 {
+            sum = row;
+        } else {
+            sum.iter_mut().zip(&row).for_each(|(s, v)| *s += v);
+        }
+        count += 1;
+    }
+    if count > 1 {
+        let scale = 1.0 / count as f32;
+        sum.iter_mut().for_each(|s| *s *= scale);
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean;
+
+    #[test]
+    fn mean_of_views() {
+        assert_eq!(mean(vec![vec![1.0, -2.0]].into_iter()), vec![1.0, -2.0]);
+        let rows = vec![
+            vec![1.0, 0.0],
+            vec![3.0, 4.0],
+            vec![2.0, 2.0],
+            vec![2.0, -2.0],
+        ];
+        assert_eq!(mean(rows.into_iter()), vec![2.0, 1.0]);
     }
 }

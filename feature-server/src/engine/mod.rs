@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
-use self::batcher::{Batcher, ITEM_LEN, Job};
+use self::batcher::{Batcher, ITEM_LEN, Job, MAX_VIEWS};
 pub use self::stats::{Gate, Stats, StatsSnapshot};
 use crate::config::{Config, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::models::{Backbone, BackboneKind};
-use crate::preprocess::{self, Limits};
+use crate::preprocess::{self, Limits, View};
 
 /// What a loaded engine runs, for `Info` and for the identity on every embedding.
 #[derive(Clone, Debug)]
@@ -183,10 +183,23 @@ impl Engine {
         self.inner.state.borrow().clone()
     }
 
-    /// Decodes, preprocesses and embeds one encoded image. Waits for a queue slot first.
+    /// Decodes, preprocesses and embeds one encoded image (the ImageNet center crop). Waits
+    /// for a queue slot first.
     pub async fn embed(&self, image: Vec<u8>) -> Result<Vec<f32>> {
+        self.embed_views(image, &[View::CENTER]).await
+    }
+
+    /// Like [`Engine::embed`], for the mean embedding of several views of the image: decoded
+    /// once, one queue slot, one batch.
+    pub async fn embed_views(&self, image: Vec<u8>, views: &'static [View]) -> Result<Vec<f32>> {
+        if views.is_empty() || views.len() > MAX_VIEWS {
+            return Err(Error::Internal(format!(
+                "{} views asked for; 1 to {MAX_VIEWS} are supported",
+                views.len()
+            )));
+        }
         let slot = self.slot().await?;
-        let pixels = self.preprocess(image).await?;
+        let pixels = self.preprocess(image, views).await?;
         let (reply, answer) = oneshot::channel();
         self.send(Job {
             pixels,
@@ -196,8 +209,9 @@ impl Engine {
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Decodes and preprocesses on the blocking pool, at most `decode_threads` at once.
-    pub async fn preprocess(&self, image: Vec<u8>) -> Result<Vec<f32>> {
+    /// Decodes and preprocesses on the blocking pool, at most `decode_threads` at once: the
+    /// views of one image, laid end to end.
+    pub async fn preprocess(&self, image: Vec<u8>, views: &'static [View]) -> Result<Vec<f32>> {
         let permit = self
             .inner
             .decoders
@@ -210,7 +224,8 @@ impl Engine {
         // decodes run than the limit allows.
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            preprocess::preprocess(&image, &limits)
+            let views = preprocess::preprocess_views(&image, &limits, views)?;
+            Ok(views.concat())
         })
         .await
         .map_err(|e| Error::Internal(format!("image decoding task failed: {e}")))?

@@ -179,6 +179,7 @@ pub fn request(id: impl Into<String>, image: Vec<u8>) -> EmbedRequest {
     EmbedRequest {
         id: id.into(),
         image,
+        ..Default::default()
     }
 }
 
