@@ -34,10 +34,7 @@ impl Combined {
     ) -> Result<(Self, usize)> {
         let x = ts.x_tensor()?;
         let proto = Prototype::fit(ts, opts)?;
-        let std = match previous {
-            Some((p, _)) => p.std.clone(),
-            None => Standardizer::fit(&x)?,
-        };
+        let std = Standardizer::fit(&x)?;
         let z = std.apply(&x)?;
         // The prior is fixed during training: compute it once.
         let prior = (proto.cosines(&x)? * f64::from(proto.inv_temperature))?;
@@ -45,8 +42,9 @@ impl Combined {
         let mut w = train::zeros((c, ts.dim))?;
         let mut b = train::zeros(c)?;
         if let Some((p, meta)) = previous {
-            w = carry_rows(&w, &ts.classes, &p.w, &meta.classes)?;
-            b = carry_bias(&b, &ts.classes, &p.b, &meta.classes)?;
+            let (pw, pb) = p.std.carry_layer(&std, &p.w, &p.b)?;
+            w = carry_rows(&w, &ts.classes, &pw, &meta.classes)?;
+            b = carry_bias(&b, &ts.classes, &pb, &meta.classes)?;
         }
         let w = Var::from_tensor(&w)?;
         let b = Var::from_tensor(&b)?;

@@ -26,16 +26,14 @@ impl Flat {
         opts: &TrainOptions,
     ) -> Result<(Self, usize)> {
         let x = ts.x_tensor()?;
-        let std = match previous {
-            Some((p, _)) => p.std.clone(),
-            None => Standardizer::fit(&x)?,
-        };
+        let std = Standardizer::fit(&x)?;
         let z = std.apply(&x)?;
         let c = ts.classes.len();
         let (mut w, mut b) = prototype_layer(&z, &ts.y, c)?;
         if let Some((p, meta)) = previous {
-            w = carry_rows(&w, &ts.classes, &p.w, &meta.classes)?;
-            b = carry_bias(&b, &ts.classes, &p.b, &meta.classes)?;
+            let (pw, pb) = p.std.carry_layer(&std, &p.w, &p.b)?;
+            w = carry_rows(&w, &ts.classes, &pw, &meta.classes)?;
+            b = carry_bias(&b, &ts.classes, &pb, &meta.classes)?;
         }
         let w = Var::from_tensor(&w)?;
         let b = Var::from_tensor(&b)?;

@@ -70,10 +70,7 @@ impl Hierarchical {
         let x = ts.x_tensor()?;
         let (c, p, d) = (ts.classes.len(), ts.groups.len(), ts.dim);
         let mut rng = train::rng(opts.seed);
-        let std = match previous {
-            Some((h, _)) => h.std.clone(),
-            None => Standardizer::fit(&x)?,
-        };
+        let std = Standardizer::fit(&x)?;
         let z = std.apply(&x)?;
         let g_labels: Vec<u32> =
             ts.y.iter()
@@ -90,10 +87,10 @@ impl Hierarchical {
             train::zeros(PARENT_HIDDEN)?,
         );
         if let Some((h, meta)) = previous {
-            child_w = h.child_w.clone();
-            child_b = h.child_b.clone();
-            parent_w = carry_rows(&parent_w, &ts.groups, &h.parent_w, &meta.groups)?;
-            parent_b = carry_bias(&parent_b, &ts.groups, &h.parent_b, &meta.groups)?;
+            (child_w, child_b) = h.std.carry_layer(&std, &h.child_w, &h.child_b)?;
+            let (pw, pb) = h.std.carry_layer(&std, &h.parent_w, &h.parent_b)?;
+            parent_w = carry_rows(&parent_w, &ts.groups, &pw, &meta.groups)?;
+            parent_b = carry_bias(&parent_b, &ts.groups, &pb, &meta.groups)?;
             proj_w = carry_cols(&proj_w, &ts.groups, &h.proj_w, &meta.groups)?;
             proj_b = h.proj_b.clone();
         }

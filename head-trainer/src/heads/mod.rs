@@ -159,6 +159,25 @@ impl Standardizer {
         Ok((x.broadcast_sub(&self.mean)? / f64::from(self.scale))?)
     }
 
+    /// A first layer `(w, b)` that read inputs standardized by `self`, rewritten to read inputs
+    /// standardized by `new` and compute the same function of the raw embedding:
+    /// `w' = w * s_new / s_old`, `b' = b + w (m_new - m_old) / s_old`.
+    ///
+    /// Why: every training job refits the standardizer on all of the tenant's examples (the
+    /// first job may have seen one class), so a warm start must carry what the previous head
+    /// learned into the new coordinates rather than reuse stale ones.
+    pub fn carry_layer(
+        &self,
+        new: &Standardizer,
+        w: &Tensor,
+        b: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let shift = (new.mean.broadcast_sub(&self.mean)? / f64::from(self.scale))?; // 1 x D
+        let b2 = (b + w.matmul(&shift.t()?)?.squeeze(1)?)?;
+        let w2 = (w * f64::from(new.scale / self.scale))?;
+        Ok((w2, b2))
+    }
+
     fn tensors(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
         out.insert("std.mean".into(), self.mean.clone());
         out.insert(

@@ -190,3 +190,38 @@ fn identical_examples_in_two_classes_split_evenly_under_the_prototype() {
     let b = p[head.meta.classes.iter().position(|&c| c == 9).unwrap()];
     assert!((a - b).abs() < 1e-5 && a > 0.4, "{a} vs {b}");
 }
+
+#[test]
+fn a_carried_layer_computes_the_same_function_under_the_new_standardizer() {
+    let rows = blobs(6, 4, 3);
+    let flat: Vec<f32> = rows.iter().flat_map(|(_, x)| x.clone()).collect();
+    let x = Tensor::from_vec(flat, (rows.len(), DIM), &Device::Cpu).unwrap();
+    // The first job saw one class only (degenerate mean and scale); the next one sees all.
+    let old = Standardizer::fit(&x.narrow(0, 0, 4).unwrap()).unwrap();
+    let new = Standardizer::fit(&x).unwrap();
+    assert!(
+        new.scale > 2.0 * old.scale,
+        "the two standardizers should differ"
+    );
+    let mut rng = StdRng::seed_from_u64(9);
+    let w: Vec<f32> = (0..5 * DIM).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let w = Tensor::from_vec(w, (5, DIM), &Device::Cpu).unwrap();
+    let b = Tensor::new(&[0.5f32, -1.0, 0.0, 2.0, 1.5], &Device::Cpu).unwrap();
+    let before = train::linear(&old.apply(&x).unwrap(), &w, &b).unwrap();
+    let (w2, b2) = old.carry_layer(&new, &w, &b).unwrap();
+    let after = train::linear(&new.apply(&x).unwrap(), &w2, &b2).unwrap();
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let worst = max_abs(&(before - &after).unwrap());
+    let size = max_abs(&after);
+    assert!(
+        worst <= 1e-4 * size.max(1.0),
+        "worst difference {worst} (size {size})"
+    );
+}
