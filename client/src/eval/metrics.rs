@@ -16,6 +16,8 @@ pub struct Prediction {
     pub branch_parent: Option<String>,
     /// `child`, `parent` or `unknown` (the service's decision), None where the call failed.
     pub decision: Option<&'static str>,
+    /// Cosine to the nearest class mean, as the service reported it.
+    pub similarity: Option<f32>,
 }
 
 /// Percentages (0..100) for one head on one split.
@@ -124,6 +126,7 @@ mod tests {
             predicted_parent: pred.map(|(_, p)| p.to_string()),
             branch_parent: branch.map(String::from),
             decision: pred.map(|_| "child"),
+            similarity: None,
         }
     }
 

@@ -4,6 +4,7 @@
 mod anchors;
 mod font;
 pub mod metrics;
+pub mod open_set;
 pub mod plot;
 pub mod protocol;
 pub mod report;
@@ -45,6 +46,13 @@ pub struct Args {
     /// Leave the evaluation tenants' classes on the server (to inspect them).
     #[arg(long)]
     pub keep_tenants: bool,
+    /// Photos of things outside the dataset (e.g. ../shared/datasets/birds when evaluating
+    /// pets): each tenant classifies a sample, to measure open-set rejection.
+    #[arg(long, value_name = "DIR")]
+    pub open_set: Option<PathBuf>,
+    /// How many photos `--open-set` samples (evenly through its sorted listing).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub open_set_photos: usize,
 }
 
 fn quote(arg: &str) -> String {
@@ -81,6 +89,14 @@ fn command_line(server: &str, args: &Args, out: &Path) -> String {
     if let Some(p) = args.min_default_child {
         parts.extend(["--min-default-child".into(), p.to_string()]);
     }
+    if let Some(dir) = &args.open_set {
+        parts.extend([
+            "--open-set".into(),
+            quote(&dir.display().to_string()),
+            "--open-set-photos".into(),
+            args.open_set_photos.to_string(),
+        ]);
+    }
     parts.join(" ")
 }
 
@@ -116,6 +132,10 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
         path: out_dir.clone(),
         source,
     })?;
+    let strangers = match &args.open_set {
+        Some(dir) => open_set::sample(dir, args.open_set_photos)?,
+        None => Vec::new(),
+    };
     let base = ctx.connect().await?;
     let pid = std::process::id();
     let plan: Vec<(usize, u64, protocol::Split)> = args
@@ -126,7 +146,7 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
         .collect();
     let total = plan
         .iter()
-        .map(|p| protocol::steps(&p.2, args.heads.len()))
+        .map(|p| protocol::steps(&p.2, args.heads.len(), strangers.len()))
         .sum();
     let pb = output::progress(total, "steps", ctx.json);
     let mut runs: Vec<SeedRun> = Vec::new();
@@ -135,7 +155,8 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
     for (k, seed, split) in &plan {
         let tenant = protocol::tenant_name(pid, &ds.name, *k, *seed);
         let conn = base.with_auth(Auth::new(Some(&tenant), ctx.token.as_deref())?);
-        let result = protocol::run_one(&conn, &ds, split, (*k, *seed), &args.heads, &pb).await;
+        let result =
+            protocol::run_one(&conn, &ds, split, (*k, *seed), &args.heads, &strangers, &pb).await;
         if model.is_empty()
             && let Ok(list) = conn.classifier().list_classes(ListClassesRequest {}).await
         {
@@ -179,6 +200,7 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
         model,
         notes,
         confusion_of,
+        open_set: args.open_set.as_deref(),
     };
     write_outputs(&out_dir, &cx, &runs)?;
     summarize(ctx, &cx, &runs, &out_dir, args.min_default_child)

@@ -12,6 +12,7 @@ use rand::seq::SliceRandom;
 use taxon_proto::v1::{RemoveClassRequest, TrainRequest};
 
 use super::metrics::Prediction;
+use super::open_set::Stranger;
 use crate::commands::classify::{Answer, classify_many, decision_name};
 use crate::commands::enroll::enroll_class;
 use crate::connect::Conn;
@@ -80,24 +81,29 @@ pub struct SeedRun {
     pub k: usize,
     pub seed: u64,
     pub heads: Vec<HeadRun>,
+    /// Out-of-set photos (`--open-set`) as the live head answered them.
+    pub strangers: Vec<Stranger>,
     pub rejected: u32,
     pub wall_s: f64,
 }
 
-/// Work units `run_one` reports on the bar: photos enrolled plus photos classified per head.
-pub fn steps(split: &Split, heads: usize) -> u64 {
+/// Work units `run_one` reports on the bar: photos enrolled plus photos classified per head,
+/// plus the strangers.
+pub fn steps(split: &Split, heads: usize, strangers: usize) -> u64 {
     let train: usize = split.train.iter().map(Vec::len).sum();
-    (train + split.test.len() * (heads + 1)) as u64
+    (train + split.test.len() * (heads + 1) + strangers) as u64
 }
 
-/// Enrolls the split's training photos, classifies its test photos with the live head, then
-/// trains and classifies with each head kind in turn. `conn` speaks for a fresh tenant.
+/// Enrolls the split's training photos, classifies its test photos and the `strangers` (photos
+/// of nothing enrolled) with the live head, then trains and classifies with each head kind in
+/// turn. `conn` speaks for a fresh tenant.
 pub async fn run_one(
     conn: &Conn,
     ds: &Dataset,
     split: &Split,
     (k, seed): (usize, u64),
     heads: &[String],
+    strangers: &[PathBuf],
     pb: &ProgressBar,
 ) -> Result<SeedRun> {
     let started = Instant::now();
@@ -111,6 +117,7 @@ pub async fn run_one(
             k,
             seed,
             heads: Vec::new(),
+            strangers: Vec::new(),
             rejected: 0,
             wall_s: 0.0,
         });
@@ -136,6 +143,20 @@ pub async fn run_one(
     pb.set_message(format!("{label}: classifying (live head)"));
     let answers = classify_many(conn, &photos, 1, "", pb).await?;
     runs.push(head_run(ds, split, String::new(), None, &answers));
+    let strangers: Vec<Stranger> = if strangers.is_empty() {
+        Vec::new()
+    } else {
+        pb.set_message(format!("{label}: classifying strangers"));
+        classify_many(conn, strangers, 1, "", pb)
+            .await?
+            .iter()
+            .filter_map(|a| a.as_ref().ok())
+            .map(|c| Stranger {
+                similarity: c.similarity,
+                decision: decision_name(c.decision),
+            })
+            .collect()
+    };
     for head in heads {
         pb.set_message(format!("{label}: training {head}"));
         let trained = conn
@@ -158,6 +179,7 @@ pub async fn run_one(
         k,
         seed,
         heads: runs,
+        strangers,
         rejected,
         wall_s: started.elapsed().as_secs_f64(),
     })
@@ -196,6 +218,7 @@ fn head_run(
                 }),
                 branch_parent: ok.and_then(|c| c.parent_branch.as_ref().map(|p| p.name.clone())),
                 decision: ok.map(|c| decision_name(c.decision)),
+                similarity: ok.map(|c| c.similarity),
             }
         })
         .collect();
@@ -282,7 +305,7 @@ mod tests {
         for (i, p) in &a.test {
             assert!(p.starts_with(&d.children[*i].name));
         }
-        assert_eq!(steps(&a, 3), 6 + 14 * 4);
+        assert_eq!(steps(&a, 3, 5), 6 + 14 * 4 + 5);
     }
 
     #[test]

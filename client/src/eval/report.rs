@@ -81,6 +81,8 @@ pub struct Context<'a> {
     pub notes: Vec<String>,
     /// (k, seed) of the confusion picture.
     pub confusion_of: Option<(usize, u64)>,
+    /// `--open-set`, when given.
+    pub open_set: Option<&'a std::path::Path>,
 }
 
 /// The head rows of one k's table, default head first.
@@ -123,6 +125,7 @@ pub fn markdown(cx: &Context, runs: &[SeedRun]) -> String {
         k_section(&mut s, cx, runs, k);
     }
     summary_vs_pytorch(&mut s, cx, runs);
+    super::open_set::section(&mut s, cx.shots, runs, cx.open_set);
     per_class_section(&mut s, cx, runs);
     let _ = writeln!(s, "## Pictures\n\n![accuracy vs k](accuracy_vs_k.png)\n");
     if let Some((k, seed)) = cx.confusion_of {
