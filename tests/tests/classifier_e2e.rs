@@ -658,11 +658,27 @@ async fn feature_server_down_fails_fast_and_writes_nothing() {
     );
     ht.stop().await;
 
-    // A head-trainer that never reached a feature-server is not serving and fails fast.
+    // A head-trainer that never reached a feature-server is not serving and fails fast on
+    // what needs embeddings, while the taxonomy stays readable and editable from the store.
     let ht = start_head_trainer(cfg).await;
     let started = Instant::now();
-    let e = list_err(&mut classifier(ht.addr), md).await;
-    assert_eq!(e.code(), Code::Unavailable);
+    let mut c = classifier(ht.addr);
+    let listed = list(&mut c, md).await;
+    assert_eq!(listed.classes.len(), 1);
+    assert_eq!(listed.classes[0].name, "blue");
+    assert_eq!(listed.classes[0].examples, 2);
+    assert_eq!(listed.model, "", "no identity is known yet");
+    rename(&mut c, md, "blue", "navy").await.unwrap();
+    let names: Vec<String> = list(&mut c, md)
+        .await
+        .classes
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec!["navy"]);
+    let removed = remove(&mut c, md, "navy", false).await.unwrap();
+    assert_eq!(removed.removed_examples, 2);
+    assert!(list(&mut c, md).await.classes.is_empty());
     let e = enroll(
         &mut classifier(ht.addr),
         md,

@@ -1,23 +1,48 @@
 //! ListClasses, RemoveClass, RenameClass and Train: the taxonomy and heads managed from the
-//! cached embeddings alone, never the photos.
+//! cached embeddings alone, never the photos. The first three work from the store even before
+//! any feature-server has answered; only Train needs the model identity.
 
 use std::sync::Arc;
 
 use taxon_proto::v1::{
-    ClassInfo, ListClassesRequest, ListClassesResponse, RemoveClassRequest, RemoveClassResponse,
-    RenameClassRequest, RenameClassResponse, TrainRequest, TrainResponse,
+    ClassInfo, ListClassesRequest, ListClassesResponse, ModelInfo, RemoveClassRequest,
+    RemoveClassResponse, RenameClassRequest, RenameClassResponse, TrainRequest, TrainResponse,
 };
 use tonic::Request;
 
 use super::Ctx;
-use crate::taxonomy::validate_class_name;
+use crate::taxonomy::{Taxonomy, validate_class_name};
 use crate::tenants::Tenant;
 use crate::{Error, Result};
 
+/// Works before any feature-server has answered: the taxonomy is in the store, and only the
+/// live head (which needs the model identity) is then left out.
 pub async fn list(ctx: &Arc<Ctx>, req: Request<ListClassesRequest>) -> Result<ListClassesResponse> {
-    let (tenant, info) = ctx.tenant(req.metadata()).await?;
+    let Ok(info) = ctx.model() else {
+        let name = ctx.auth.tenant(req.metadata())?;
+        let store = Arc::clone(ctx.tenants.store());
+        let snapshot = tokio::task::spawn_blocking(move || store.snapshot(&name, None))
+            .await
+            .map_err(|e| Error::Store(format!("list task: {e}")))??;
+        return Ok(ListClassesResponse {
+            classes: class_infos(&snapshot.taxonomy),
+            ..Default::default()
+        });
+    };
+    let (tenant, info) = ctx
+        .tenant_named(&ctx.auth.tenant(req.metadata())?, &info)
+        .await?;
     let set = tenant.current();
-    let tax = &set.taxonomy;
+    let live = set.live(ctx.config.default_head, &info.model);
+    Ok(ListClassesResponse {
+        classes: class_infos(&set.taxonomy),
+        head_version: live.as_ref().map(|h| h.meta.version).unwrap_or(0),
+        head: live.map(|h| h.meta.kind.clone()).unwrap_or_default(),
+        model: info.model.clone(),
+    })
+}
+
+fn class_infos(tax: &Taxonomy) -> Vec<ClassInfo> {
     let mut classes: Vec<ClassInfo> = tax
         .classes
         .values()
@@ -29,36 +54,51 @@ pub async fn list(ctx: &Arc<Ctx>, req: Request<ListClassesRequest>) -> Result<Li
         })
         .collect();
     classes.sort_by(|a, b| (&a.parent, &a.name).cmp(&(&b.parent, &b.name)));
-    let live = set.live(ctx.config.default_head, &info.model);
-    Ok(ListClassesResponse {
-        classes,
-        head_version: live.as_ref().map(|h| h.meta.version).unwrap_or(0),
-        head: live.map(|h| h.meta.kind.clone()).unwrap_or_default(),
-        model: info.model.clone(),
-    })
+    classes
+}
+
+/// The tenant, loaded, when the model identity is known. Before any feature-server has
+/// answered, no tenant can have been loaded (loading needs the identity), so a store change
+/// made then is simply read when the tenant is first loaded.
+async fn loaded_tenant(
+    ctx: &Arc<Ctx>,
+    md: &tonic::metadata::MetadataMap,
+) -> Result<(String, Option<(Arc<Tenant>, Arc<ModelInfo>)>)> {
+    let name = ctx.auth.tenant(md)?;
+    match ctx.model() {
+        Ok(info) => {
+            let loaded = ctx.tenant_named(&name, &info).await?;
+            Ok((name, Some(loaded)))
+        }
+        Err(_) => Ok((name, None)),
+    }
 }
 
 pub async fn remove(
     ctx: &Arc<Ctx>,
     req: Request<RemoveClassRequest>,
 ) -> Result<RemoveClassResponse> {
-    let (tenant, info) = ctx.tenant(req.metadata()).await?;
+    let (name, loaded) = loaded_tenant(ctx, req.metadata()).await?;
     let r = req.into_inner();
     validate_class_name(&r.name)?;
     let store = Arc::clone(ctx.tenants.store());
-    let name = tenant.name.clone();
+    let tenant_name = name.clone();
     let outcome =
-        tokio::task::spawn_blocking(move || store.remove_class(&name, &r.name, r.recursive))
+        tokio::task::spawn_blocking(move || store.remove_class(&tenant_name, &r.name, r.recursive))
             .await
             .map_err(|e| Error::Store(format!("remove task: {e}")))??;
-    tracing::info!(tenant = %tenant.name, removed = ?outcome.removed_classes, examples = outcome.removed_examples, "removed");
-    ctx.tenants.refresh(&tenant, &info.model).await?;
-    // The live head masks removed classes at once; retrain so it also forgets them.
-    ctx.trainer.schedule(&tenant, &info.model);
+    tracing::info!(tenant = %name, removed = ?outcome.removed_classes, examples = outcome.removed_examples, "removed");
+    let mut head_version = 0;
+    if let Some((tenant, info)) = loaded {
+        ctx.tenants.refresh(&tenant, &info.model).await?;
+        // The live head masks removed classes at once; retrain so it also forgets them.
+        ctx.trainer.schedule(&tenant, &info.model);
+        head_version = live_version(ctx, &tenant, &info.model);
+    }
     Ok(RemoveClassResponse {
         removed_classes: outcome.removed_classes,
         removed_examples: outcome.removed_examples,
-        head_version: live_version(ctx, &tenant, &info.model),
+        head_version,
     })
 }
 
@@ -66,21 +106,23 @@ pub async fn rename(
     ctx: &Arc<Ctx>,
     req: Request<RenameClassRequest>,
 ) -> Result<RenameClassResponse> {
-    let (tenant, info) = ctx.tenant(req.metadata()).await?;
+    let (name, loaded) = loaded_tenant(ctx, req.metadata()).await?;
     let r = req.into_inner();
     validate_class_name(&r.name)?;
     validate_class_name(&r.new_name)?;
     let store = Arc::clone(ctx.tenants.store());
-    let name = tenant.name.clone();
+    let tenant_name = name.clone();
     let (old, new) = (r.name.clone(), r.new_name.clone());
-    tokio::task::spawn_blocking(move || store.rename_class(&name, &old, &new))
+    tokio::task::spawn_blocking(move || store.rename_class(&tenant_name, &old, &new))
         .await
         .map_err(|e| Error::Store(format!("rename task: {e}")))??;
-    tracing::info!(tenant = %tenant.name, from = %r.name, to = %r.new_name, "renamed");
-    ctx.tenants.refresh(&tenant, &info.model).await?;
-    Ok(RenameClassResponse {
-        head_version: live_version(ctx, &tenant, &info.model),
-    })
+    tracing::info!(tenant = %name, from = %r.name, to = %r.new_name, "renamed");
+    let mut head_version = 0;
+    if let Some((tenant, info)) = loaded {
+        ctx.tenants.refresh(&tenant, &info.model).await?;
+        head_version = live_version(ctx, &tenant, &info.model);
+    }
+    Ok(RenameClassResponse { head_version })
 }
 
 pub async fn train(ctx: &Arc<Ctx>, req: Request<TrainRequest>) -> Result<TrainResponse> {
