@@ -25,9 +25,9 @@ pub struct Config {
     pub max_batch: usize,
     /// How long the first item of a batch waits for company before the batch runs anyway.
     pub max_wait: Duration,
-    /// Items admitted but not yet taken by the engine (being decoded or waiting in the queue),
-    /// over all streams. When it is full, new streams get RESOURCE_EXHAUSTED and existing
-    /// streams wait.
+    /// Images admitted but not yet taken by the engine (being decoded or waiting in the queue),
+    /// over all streams; an item embedded from four views counts four. When it is full, new
+    /// streams get RESOURCE_EXHAUSTED and existing streams wait. At least 4.
     pub queue_capacity: usize,
     /// Items one stream may have in flight; past it the server stops reading that stream, and
     /// HTTP/2 flow control makes the client wait.
@@ -72,6 +72,12 @@ impl Config {
             if value == 0 {
                 return Err(Error::Config(format!("{flag} must be at least 1")));
             }
+        }
+        if self.queue_capacity < crate::engine::MAX_VIEWS {
+            return Err(Error::Config(format!(
+                "--queue-capacity must be at least {} (the views of one item wait together)",
+                crate::engine::MAX_VIEWS
+            )));
         }
         if self.limits.max_pixels == 0 {
             return Err(Error::Config(
@@ -150,14 +156,15 @@ pub struct Args {
     /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
     #[arg(long, env = "TAXON_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
-    /// Most items in one forward pass.
+    /// Most images (views) in one forward pass.
     #[arg(long, env = "TAXON_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
     /// Milliseconds the first item of a batch waits for more.
     #[arg(long, env = "TAXON_MAX_WAIT_MS", default_value_t = 5)]
     pub max_wait_ms: u64,
-    /// Items admitted but not yet batched, over all streams; when full, new streams get
-    /// RESOURCE_EXHAUSTED and existing streams wait.
+    /// Images admitted but not yet batched, over all streams (an item of four views counts
+    /// four; at least 4); when full, new streams get RESOURCE_EXHAUSTED and existing streams
+    /// wait.
     #[arg(long, env = "TAXON_QUEUE_CAPACITY", default_value_t = 128)]
     pub queue_capacity: usize,
     /// Items one stream may have in flight before the server stops reading it.
@@ -232,6 +239,19 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("--max-batch")
+        );
+    }
+
+    #[test]
+    fn queue_holds_one_item_of_every_view_set() {
+        let small = Config {
+            queue_capacity: crate::engine::MAX_VIEWS - 1,
+            ..Config::default()
+        };
+        let message = small.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("--queue-capacity must be at least 4"),
+            "{message}"
         );
     }
 }

@@ -21,7 +21,7 @@ use crate::preprocess::INPUT_SIZE;
 pub(crate) const ITEM_LEN: usize = 3 * INPUT_SIZE * INPUT_SIZE;
 
 /// Most views one item may carry (`taxon.v1.ViewSet::ScalesAndMirrors` has four).
-pub(crate) const MAX_VIEWS: usize = 4;
+pub const MAX_VIEWS: usize = 4;
 
 /// One preprocessed item on its way to the model: one or more views of one image, laid end to
 /// end; its embedding is the mean of theirs. The views travel together so that an item takes

@@ -1,15 +1,17 @@
 //! The engine: one OS thread owns the model; everything else talks to it through [`Engine`].
 //!
 //! The split follows text-embeddings-inference. An item's life:
-//! 1. it takes a *queue slot* (a semaphore permit; waits while all `queue_capacity` are taken,
-//!    which is the backpressure every stream feels);
+//! 1. it takes a *queue slot*, one semaphore permit per image it will put through the model
+//!    (one per view; waits while all `queue_capacity` are taken, which is the backpressure
+//!    every stream feels);
 //! 2. it is decoded and preprocessed on tokio's blocking pool, at most `decode_threads` at
 //!    once, so neither the async runtime nor memory is at the mercy of large images;
 //! 3. it goes over a bounded channel to the engine thread, which merges items from every
 //!    stream into batches and hands the slot back as it takes the item;
 //! 4. its embedding (or error) comes back through its own oneshot.
 //!
-//! Memory is bounded by construction: at most `queue_capacity` preprocessed images wait, at
+//! Memory is bounded by construction: at most `queue_capacity` preprocessed images (views)
+//! wait, at
 //! most `max_batch` are in the model, and at most `decode_threads` images are being decoded.
 
 mod batcher;
@@ -21,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
-use self::batcher::{Batcher, ITEM_LEN, Job, MAX_VIEWS};
+pub use self::batcher::MAX_VIEWS;
+use self::batcher::{Batcher, ITEM_LEN, Job};
 pub use self::stats::{Gate, Stats, StatsSnapshot};
 use crate::config::{Config, DeviceChoice};
 use crate::error::{Error, Result};
@@ -198,7 +201,7 @@ impl Engine {
                 views.len()
             )));
         }
-        let slot = self.slot().await?;
+        let slot = self.slot(views.len()).await?;
         let pixels = self.preprocess(image, views).await?;
         let (reply, answer) = oneshot::channel();
         self.send(Job {
@@ -231,12 +234,14 @@ impl Engine {
         .map_err(|e| Error::Internal(format!("image decoding task failed: {e}")))?
     }
 
-    async fn slot(&self) -> Result<QueueSlot> {
+    /// Queue places for one item of `images` views: they are taken all at once, so items
+    /// waiting for places never hold some of them each and starve one another.
+    async fn slot(&self, images: usize) -> Result<QueueSlot> {
         let permit = self
             .inner
             .slots
             .clone()
-            .acquire_owned()
+            .acquire_many_owned(images as u32)
             .await
             .map_err(|_| Error::ShuttingDown)?;
         Ok(QueueSlot {
