@@ -117,6 +117,12 @@ impl ConvBn {
         self.forward_act(x, Act::None)
     }
 
+    /// The shape, folded weight `[c_out, c_in / groups, k, k]` and bias, when batch-norm was
+    /// folded (what the CPU engine in [`super::conv`] packs).
+    pub fn folded(&self) -> Option<(&ConvSpec, &Tensor, &Tensor)> {
+        self.bias.as_ref().map(|b| (&self.spec, &self.weight, b))
+    }
+
     /// The convolution, its batch-norm (folded or not), then the activation. With batch-norm
     /// folded, bias and activation are one in-place pass (depthwise: one pass for everything).
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {

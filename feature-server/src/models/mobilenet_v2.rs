@@ -4,9 +4,10 @@
 //! activations; depthwise convolutions have groups = channels. The classifier is not built:
 //! the embedding is the global average pool of `features(x)`, 1280-d.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::conv::{self, Net, NetBuilder, Slot};
 use super::fold::{ConvBn, ConvSpec};
 use super::ops::Act;
 
@@ -90,12 +91,25 @@ impl InvertedResidual {
             .forward(&self.depthwise.forward_act(&h, Act::Relu6)?)?;
         if self.residual { y + x } else { Ok(y) }
     }
+
+    /// Appends the block to the engine's steps.
+    fn push_steps(&self, b: &mut NetBuilder, x: Slot) -> Result<Slot> {
+        let h = match &self.expand {
+            Some(e) => b.conv_bn(e, false, (x, None), Act::Relu6, &[x])?,
+            None => x,
+        };
+        let h = b.conv_bn(&self.depthwise, false, (h, None), Act::Relu6, &[x])?;
+        let residual = self.residual.then_some(x);
+        b.conv_bn(&self.project, false, (h, residual), Act::None, &[])
+    }
 }
 
 pub struct MobileNetV2 {
     stem: ConvBn,
     blocks: Vec<InvertedResidual>,
     head: ConvBn,
+    /// The CPU engine's version of the same network (folded weights on a CPU device).
+    net: Option<Net>,
 }
 
 /// (c_in, c_out, t, stride) of features.1..=17, in order.
@@ -131,11 +145,46 @@ impl MobileNetV2 {
             f.pp("18.1"),
             fold,
         )?;
-        Ok(Self { stem, blocks, head })
+        let mut model = Self {
+            stem,
+            blocks,
+            head,
+            net: None,
+        };
+        model.net = model.cpu_net(vb.device())?;
+        Ok(model)
+    }
+
+    /// The network as NHWC engine steps, for folded weights on a CPU device.
+    fn cpu_net(&self, device: &Device) -> Result<Option<Net>> {
+        if !device.is_cpu() || self.stem.folded().is_none() {
+            return Ok(None);
+        }
+        let mut b = NetBuilder::new();
+        let mut x = b.conv_bn(
+            &self.stem,
+            false,
+            (NetBuilder::INPUT, None),
+            Act::Relu6,
+            &[],
+        )?;
+        for block in &self.blocks {
+            x = block.push_steps(&mut b, x)?;
+        }
+        let x = b.conv_bn(&self.head, false, (x, None), Act::Relu6, &[])?;
+        Ok(Some(b.build(x)))
     }
 
     /// `[N, 3, 224, 224]` -> `[N, 1280]`: global average pool of `features(x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(net) = self.net.as_ref().filter(|_| conv::enabled(x)) {
+            return conv::forward(net, x);
+        }
+        self.forward_candle(x)
+    }
+
+    /// The same network through candle's ops (other devices, unfolded batch-norm).
+    pub(crate) fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = self.stem.forward_act(x, Act::Relu6)?;
         for b in &self.blocks {
             x = b.forward(&x)?;

@@ -3,6 +3,7 @@
 //! One file per model (candle's style); [`Backbone`] is the one type the engine holds, so the
 //! rest of the server never matches on the architecture.
 
+pub mod conv;
 pub mod depthwise;
 pub mod fold;
 pub mod mobilenet_v2;
@@ -127,6 +128,15 @@ impl Backbone {
         }
     }
 
+    /// The forward pass through candle's ops, bypassing the CPU engine (tests compare them).
+    #[cfg(test)]
+    fn forward_candle(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Backbone::Resnet18(m) => m.forward_candle(x),
+            Backbone::MobileNetV2(m) => m.forward_candle(x),
+        }
+    }
+
     pub fn kind(&self) -> BackboneKind {
         match self {
             Backbone::Resnet18(_) => BackboneKind::Resnet18,
@@ -136,5 +146,33 @@ impl Backbone {
 
     pub fn dim(&self) -> usize {
         self.kind().dim()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::conv::test_util::rand_vec;
+
+    /// The CPU engine computes what candle's ops compute, on an odd-sized batch, for both.
+    #[test]
+    fn engine_matches_candle_ops() -> candle_core::Result<()> {
+        for kind in BackboneKind::ALL {
+            let tensors = crate::weights::formula::tensors(kind);
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+            let model = Backbone::new(kind, vb)?;
+            let x = Tensor::from_vec(rand_vec(3 * 3 * 72 * 60, 7), (3, 3, 72, 60), &Device::Cpu)?;
+            let got = model.forward(&x)?;
+            let want = model.forward_candle(&x)?;
+            let err = (got - &want)?
+                .sqr()?
+                .sum_all()?
+                .sqrt()?
+                .to_scalar::<f32>()?
+                / want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            println!("{kind}: engine vs candle ops, relative error {err:.2e}");
+            assert!(err < 1e-5, "{kind}: relative error {err}");
+        }
+        Ok(())
     }
 }

@@ -2,9 +2,10 @@
 //! names (`conv1`, `bn1`, `layer1.0.conv1`, ..., `layer2.0.downsample.{0,1}`, `fc`), so
 //! torchvision's release weights and timm's `resnet18.tv_in1k` load unchanged.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use super::conv::{self, Net, NetBuilder};
 use super::fold::{ConvBn, ConvSpec};
 use super::ops::Act;
 
@@ -66,6 +67,8 @@ pub struct ResNet18 {
     blocks: Vec<BasicBlock>,
     /// The ImageNet classifier, when the weights carry it (only used to check parity).
     fc: Option<Linear>,
+    /// The CPU engine's version of the same network (folded weights on a CPU device).
+    net: Option<Net>,
 }
 
 impl ResNet18 {
@@ -95,11 +98,45 @@ impl ResNet18 {
         } else {
             None
         };
-        Ok(Self { stem, blocks, fc })
+        let mut model = Self {
+            stem,
+            blocks,
+            fc,
+            net: None,
+        };
+        model.net = model.cpu_net(vb.device())?;
+        Ok(model)
+    }
+
+    /// The network as NHWC engine steps, for folded weights on a CPU device.
+    fn cpu_net(&self, device: &Device) -> Result<Option<Net>> {
+        if !device.is_cpu() || self.stem.folded().is_none() {
+            return Ok(None);
+        }
+        let mut b = NetBuilder::new();
+        let x = b.conv_bn(&self.stem, false, (NetBuilder::INPUT, None), Act::Relu, &[])?;
+        let mut x = b.max_pool(x);
+        for block in &self.blocks {
+            let h = b.conv_bn(&block.conv1, true, (x, None), Act::Relu, &[x])?;
+            let shortcut = match &block.downsample {
+                Some(ds) => b.conv_bn(ds, false, (x, None), Act::None, &[h])?,
+                None => x,
+            };
+            x = b.conv_bn(&block.conv2, true, (h, Some(shortcut)), Act::Relu, &[])?;
+        }
+        Ok(Some(b.build(x)))
     }
 
     /// `[N, 3, 224, 224]` -> `[N, 512]`: the global average pool of layer4 (the fc input).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(net) = self.net.as_ref().filter(|_| conv::enabled(x)) {
+            return conv::forward(net, x);
+        }
+        self.forward_candle(x)
+    }
+
+    /// The same network through candle's ops (other devices, unfolded batch-norm).
+    pub(crate) fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.stem.forward_act(x, Act::Relu)?;
         // Max-pool 3x3/2 with padding 1. The input is post-ReLU (>= 0), so zero padding gives
         // exactly what PyTorch's -inf padding gives.

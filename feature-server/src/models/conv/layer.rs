@@ -1,0 +1,357 @@
+//! One NHWC convolution with batch-norm already folded in, and the way it is computed:
+//! 1x1 stride 1 as a plain GEMM over the activation rows; 3x3 stride 1 by Winograd F(4x4, 3x3);
+//! depthwise by a direct kernel; anything else by an im2col gather fused into the GEMM's
+//! packing. Bias, residual add and ReLU/ReLU6 happen in the output pass of each.
+//!
+//! Why NHWC: a pixel's channels are contiguous, so a 1x1 convolution is a GEMM on the tensor
+//! as it lies, im2col copies runs of channels instead of single floats, and the depthwise and
+//! Winograd transforms vectorize across channels.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::gemm::{Epilogue, PackedB, gemm};
+use super::isa::{isa, vectorized};
+use super::winograd::Winograd;
+use crate::models::fold::ConvSpec;
+use crate::models::ops::Act;
+
+/// How a convolution is computed.
+enum Method {
+    /// 1x1 stride 1: the input rows are the GEMM's left-hand matrix.
+    Pointwise(PackedB),
+    /// Everything else dense: im2col rows packed on the fly.
+    Im2col(PackedB),
+    Winograd(Winograd),
+    /// Weights `[k*k][C]` (tap-major, channels contiguous).
+    Depthwise(Vec<f32>),
+}
+
+pub struct Conv {
+    pub spec: ConvSpec,
+    method: Method,
+    bias: Vec<f32>,
+}
+
+/// Activation shape of one image batch in NHWC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Shape {
+    pub fn len(&self) -> usize {
+        self.n * self.h * self.w * self.c
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Conv {
+    /// `weight` is PyTorch's `[c_out, c_in / groups, k, k]`, batch-norm folded; `bias` `[c_out]`.
+    /// `winograd` allows Winograd for 3x3 stride-1 convolutions.
+    pub fn new(spec: ConvSpec, weight: &[f32], bias: &[f32], winograd: bool) -> Self {
+        let (co, ci, k, _) = spec.weight_shape();
+        assert_eq!(weight.len(), co * ci * k * k, "weight size for {spec:?}");
+        let depthwise = spec.groups > 1 && spec.groups == spec.c_in && spec.groups == spec.c_out;
+        let method = if depthwise {
+            // [c][1][ky][kx] -> [ky*k + kx][c]
+            let mut w = vec![0f32; k * k * co];
+            for c in 0..co {
+                for t in 0..k * k {
+                    w[t * co + c] = weight[c * k * k + t];
+                }
+            }
+            Method::Depthwise(w)
+        } else {
+            assert_eq!(spec.groups, 1, "grouped convolutions other than depthwise");
+            if winograd && k == 3 && spec.stride == 1 && spec.padding == 1 {
+                Method::Winograd(Winograd::new(weight, ci, co, bias))
+            } else {
+                // [o][c][ky][kx] -> B[(ky*k + kx)*c_in + c][o]
+                let kk = k * k * ci;
+                let mut b = vec![0f32; kk * co];
+                for o in 0..co {
+                    for c in 0..ci {
+                        for t in 0..k * k {
+                            b[(t * ci + c) * co + o] = weight[(o * ci + c) * k * k + t];
+                        }
+                    }
+                }
+                let packed = PackedB::new(&b, kk, co, bias);
+                if k == 1 && spec.stride == 1 && spec.padding == 0 {
+                    Method::Pointwise(packed)
+                } else {
+                    Method::Im2col(packed)
+                }
+            }
+        };
+        Self {
+            spec,
+            method,
+            bias: bias.to_vec(),
+        }
+    }
+
+    /// `3x3/1 64->64 winograd`: for profiles.
+    pub fn describe(&self) -> String {
+        let s = &self.spec;
+        let how = match &self.method {
+            Method::Pointwise(_) => "pointwise",
+            Method::Im2col(_) => "im2col",
+            Method::Winograd(_) => "winograd",
+            Method::Depthwise(_) => "depthwise",
+        };
+        format!(
+            "{0}x{0}/{1} {2}->{3} {how}",
+            s.kernel, s.stride, s.c_in, s.c_out
+        )
+    }
+
+    pub fn out_shape(&self, x: Shape) -> Shape {
+        let s = &self.spec;
+        let o = |i: usize| (i + 2 * s.padding - s.kernel) / s.stride + 1;
+        Shape {
+            n: x.n,
+            h: o(x.h),
+            w: o(x.w),
+            c: s.c_out,
+        }
+    }
+
+    /// `out = act(conv(x) + bias [+ residual])`, all NHWC; `out` and `residual` hold
+    /// `out_shape(xs).len()` values.
+    pub fn run(&self, x: &[f32], xs: Shape, out: &mut [f32], residual: Option<&[f32]>, act: Act) {
+        let os = self.out_shape(xs);
+        assert_eq!(xs.c, self.spec.c_in, "input channels");
+        assert!(x.len() >= xs.len() && out.len() >= os.len(), "buffer sizes");
+        let out = &mut out[..os.len()];
+        let (lo, hi) = act.bounds();
+        match &self.method {
+            Method::Pointwise(b) => {
+                par_rows(out, os.c, residual, |r0, rows, o, res| {
+                    let a = &x[r0 * xs.c..];
+                    gemm(rows, b, a, xs.c, o, os.c, epilogue(res, os.c, lo, hi));
+                });
+            }
+            Method::Im2col(b) => {
+                par_rows(out, os.c, residual, |r0, rows, o, res| {
+                    self.im2col_gemm(b, x, xs, os, r0, rows, o, res, (lo, hi));
+                });
+            }
+            Method::Winograd(w) => w.run(x, xs, out, residual, lo, hi),
+            Method::Depthwise(w) => self.depthwise(w, x, xs, os, out, residual, lo, hi),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise(
+        &self,
+        w: &[f32],
+        x: &[f32],
+        xs: Shape,
+        os: Shape,
+        out: &mut [f32],
+        residual: Option<&[f32]>,
+        lo: f32,
+        hi: f32,
+    ) {
+        let (k, s, p, c) = (self.spec.kernel, self.spec.stride, self.spec.padding, xs.c);
+        for_each_pixel(out, os, |b, oy, ox, o| {
+            o.copy_from_slice(&self.bias);
+            for ky in 0..k {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < xs.h) else {
+                    continue;
+                };
+                for kx in 0..k {
+                    let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&ix| ix < xs.w) else {
+                        continue;
+                    };
+                    let xp = &x[((b * xs.h + iy) * xs.w + ix) * c..][..c];
+                    let wt = &w[(ky * k + kx) * c..][..c];
+                    for ((o, xv), wv) in o.iter_mut().zip(xp).zip(wt) {
+                        *o += xv * wv;
+                    }
+                }
+            }
+            let r = residual.map(|r| &r[(((b * os.h + oy) * os.w) + ox) * c..][..c]);
+            finish_pixel(o, r, lo, hi);
+        });
+    }
+}
+
+/// Runs `f(image, y, x, channels)` on every output pixel, output rows in parallel, with the
+/// loops vectorized (the per-pixel work runs over contiguous channels).
+pub(super) fn for_each_pixel<F>(out: &mut [f32], os: Shape, f: F)
+where
+    F: Fn(usize, usize, usize, &mut [f32]) + Sync,
+{
+    out.par_chunks_mut(os.w * os.c)
+        .enumerate()
+        .for_each(|(row, orow)| {
+            let (b, oy) = (row / os.h, row % os.h);
+            vectorized(|| {
+                for (ox, o) in orow.chunks_exact_mut(os.c).enumerate() {
+                    f(b, oy, ox, o);
+                }
+            })
+        });
+}
+
+/// The end of a pixel's output pass: `o = clamp(o + residual, lo, hi)`.
+#[inline(always)]
+pub(super) fn finish_pixel(o: &mut [f32], residual: Option<&[f32]>, lo: f32, hi: f32) {
+    if let Some(r) = residual {
+        o.iter_mut().zip(r).for_each(|(o, r)| *o += r);
+    }
+    o.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+}
+
+pub(super) fn epilogue(res: Option<&[f32]>, ld: usize, lo: f32, hi: f32) -> Epilogue<'_> {
+    Epilogue {
+        bias: true,
+        residual: res.map(|r| (r, ld)),
+        lo,
+        hi,
+    }
+}
+
+/// Splits the output rows (`ld` floats each) into a few chunks per thread and runs
+/// `f(first_row, rows, out_chunk, residual_chunk)` on them in parallel.
+pub(super) fn par_rows<F>(out: &mut [f32], ld: usize, residual: Option<&[f32]>, f: F)
+where
+    F: Fn(usize, usize, &mut [f32], Option<&[f32]>) + Sync,
+{
+    let m = out.len() / ld;
+    let mr = isa().mr();
+    let tasks = rayon::current_num_threads() * 4;
+    let chunk = m.div_ceil(tasks).div_ceil(mr).max(1) * mr;
+    out.par_chunks_mut(chunk * ld)
+        .enumerate()
+        .for_each(|(i, o)| {
+            let r0 = i * chunk;
+            let res = residual.map(|r| &r[r0 * ld..r0 * ld + o.len()]);
+            f(r0, o.len() / ld, o, res);
+        });
+}
+
+thread_local! {
+    /// One block of im2col rows, per thread, reused by every layer.
+    static IM2COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Bytes of im2col rows gathered at a time: they stay in L2 while the GEMM reads them.
+const IM2COL_BYTES: usize = 256 << 10;
+
+impl Conv {
+    /// Output rows `r0 .. r0 + rows`: gathers im2col rows block by block (taps major,
+    /// channels minor; each kernel row of taps is one contiguous run of NHWC input) and
+    /// multiplies each block as it is made.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_gemm(
+        &self,
+        b: &PackedB,
+        x: &[f32],
+        xs: Shape,
+        os: Shape,
+        r0: usize,
+        rows: usize,
+        out: &mut [f32],
+        res: Option<&[f32]>,
+        (lo, hi): (f32, f32),
+    ) {
+        let (k, s, p, c) = (self.spec.kernel, self.spec.stride, self.spec.padding, xs.c);
+        let kk = b.k;
+        let mr = isa().mr();
+        let block = (IM2COL_BYTES / (4 * kk)).max(mr) / mr * mr;
+        IM2COL.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < block * kk {
+                buf.resize(block * kk, 0.0);
+            }
+            for q0 in (0..rows).step_by(block) {
+                let n = block.min(rows - q0);
+                for (i, row) in buf[..n * kk].chunks_exact_mut(kk).enumerate() {
+                    let g = r0 + q0 + i;
+                    let (bi, oy, ox) = (g / (os.h * os.w), (g / os.w) % os.h, g % os.w);
+                    for (ky, taps) in row.chunks_exact_mut(k * c).enumerate() {
+                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < xs.h) else {
+                            taps.fill(0.0);
+                            continue;
+                        };
+                        // Taps kx in lo..hi fall inside the row; the rest are padding.
+                        let lo = p.saturating_sub(ox * s);
+                        let hi = (xs.w + p).saturating_sub(ox * s).min(k);
+                        taps[..lo * c].fill(0.0);
+                        taps[hi * c..].fill(0.0);
+                        if lo < hi {
+                            let ix = ox * s + lo - p;
+                            let src = &x[((bi * xs.h + iy) * xs.w + ix) * c..][..(hi - lo) * c];
+                            taps[lo * c..hi * c].copy_from_slice(src);
+                        }
+                    }
+                }
+                let o = &mut out[q0 * os.c..];
+                let r = res.map(|r| &r[q0 * os.c..]);
+                gemm(n, b, &buf[..n * kk], kk, o, os.c, epilogue(r, os.c, lo, hi));
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::conv::test_util::{max_abs_diff, rand_vec, reference_conv, to_nhwc};
+    use candle_core::{Device, Result, Tensor};
+
+    /// Every method against candle's conv2d on random data, with residual and both clamps.
+    #[test]
+    fn methods_match_candle_conv2d() -> Result<()> {
+        let cases = [
+            // (c_in, c_out, k, stride, groups, h, w, winograd)
+            (3, 64, 7, 2, 1, 23, 19, false),
+            (16, 24, 1, 1, 1, 9, 7, false),
+            (16, 40, 1, 2, 1, 9, 7, false),
+            (8, 33, 3, 2, 1, 10, 11, false),
+            (8, 16, 3, 1, 1, 10, 11, false),
+            (24, 24, 3, 1, 24, 9, 10, false),
+            (24, 24, 3, 2, 24, 9, 10, false),
+            (16, 32, 3, 1, 1, 13, 9, true),
+            (32, 40, 3, 1, 1, 4, 7, true),
+        ];
+        for (seed, &(ci, co, k, s, g, h, w, wino)) in cases.iter().enumerate() {
+            let seed = seed as u64 * 100;
+            let n = 2;
+            let spec = ConvSpec {
+                groups: g,
+                ..ConvSpec::new(ci, co, k, s)
+            };
+            let (o, i, _, _) = spec.weight_shape();
+            let wv = rand_vec(o * i * k * k, seed);
+            let bias = rand_vec(co, seed + 1);
+            let xv = rand_vec(n * ci * h * w, seed + 2);
+            let conv = Conv::new(spec, &wv, &bias, wino);
+            let xs = Shape { n, h, w, c: ci };
+            let os = conv.out_shape(xs);
+            let res = rand_vec(os.len(), seed + 3);
+            let x_t = Tensor::from_vec(xv.clone(), (n, ci, h, w), &Device::Cpu)?;
+            let w_t = Tensor::from_vec(wv, (o, i, k, k), &Device::Cpu)?;
+            for (act, with_res) in [(Act::None, false), (Act::Relu, true), (Act::Relu6, false)] {
+                let (lo, hi) = act.bounds();
+                let r = with_res.then_some(res.as_slice());
+                let want = reference_conv(&x_t, &w_t, &bias, s, g, r, lo, hi)?;
+                let mut got = vec![f32::NAN; os.len()];
+                conv.run(&to_nhwc(&xv, n, ci, h, w), xs, &mut got, r, act);
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 2e-4, "case {seed}: {spec:?} {act:?}: {d}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! The x86-64 microkernels behind [`super::gemm`]: a `rows x 32` block of the output,
+//! accumulated over the whole K in registers, then bias, residual and clamp, then one masked
+//! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators); AVX2: 3 rows x 4 vectors (12).
+//!
+//! Why the whole K at once: the layers here have K <= 4608, so a 32-column weight panel is at
+//! most 590 KB and stays in L2 across row blocks; no partial sums ever go back to memory.
+//!
+//! The workspace denies `unsafe`; this module (with the two dispatch points in `gemm` and
+//! `isa`) is the deliberate exception, because SIMD intrinsics on raw pointers are unsafe by
+//! definition. Every pointer stays inside slices whose sizes the safe caller asserts.
+//!
+//! AVX-512 intrinsics are stable since Rust 1.89 and the workspace's MSRV is 1.88: the
+//! AVX-512 kernel is compiled only by 1.89+ (`rustversion`), older compilers use AVX2.
+#![allow(unsafe_code)]
+#![allow(clippy::incompatible_msrv)] // the AVX-512 items are gated on 1.89 by `rustversion`
+
+use std::arch::x86_64::*;
+
+use super::gemm::{NR, TileParts};
+
+/// Dispatches the row count to a kernel specialised for it (the loops over rows unroll).
+macro_rules! by_rows {
+    ($rows:expr, $f:ident, $t:expr, $out:expr, $ldo:expr, [$($r:literal),*]) => {
+        match $rows {
+            $($r => $f::<$r>($t, $out, $ldo),)*
+            other => unreachable!("tile of {other} rows"),
+        }
+    };
+}
+
+/// Whether this build has the AVX-512 kernel (compiled by Rust 1.89 or later).
+#[rustversion::since(1.89)]
+pub const AVX512_BUILT: bool = true;
+#[rustversion::before(1.89)]
+pub const AVX512_BUILT: bool = false;
+
+/// # Safety
+/// Never called: this compiler predates stable AVX-512 ([`AVX512_BUILT`] is false).
+#[rustversion::before(1.89)]
+pub unsafe fn tile_avx512(_: TileParts, _: &mut [f32], _: usize) {
+    unreachable!("AVX-512 kernel not built")
+}
+
+/// # Safety
+/// AVX-512F must be available; `t.a` holds `t.rows` rows of `t.k` values `t.lda` apart, `t.b` `t.k * 32`, `t.bias` 32;
+/// `out` (and the residual) cover `t.rows` rows of `t.cols` columns at their strides.
+#[rustversion::since(1.89)]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn tile_avx512(t: TileParts, out: &mut [f32], ldo: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        by_rows!(
+            t.rows,
+            k512,
+            &t,
+            out,
+            ldo,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        )
+    }
+}
+
+#[rustversion::since(1.89)]
+#[target_feature(enable = "avx512f")]
+unsafe fn k512<const R: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
+    debug_assert!(t.a.len() >= (R - 1) * t.lda + t.k && t.b.len() >= t.k * NR);
+    // SAFETY: every pointer below stays inside the slices the caller vouched for; the masked
+    // loads and stores touch only columns < t.cols.
+    unsafe {
+        let b = t.b.as_ptr();
+        let rows: [*const f32; R] = std::array::from_fn(|i| t.a.as_ptr().add(i * t.lda));
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for kk in 0..t.k {
+            let b0 = _mm512_loadu_ps(b.add(kk * NR));
+            let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+            for (row, acc) in rows.iter().zip(acc.iter_mut()) {
+                let av = _mm512_set1_ps(*row.add(kk));
+                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        let mask = |from: usize| -> __mmask16 {
+            let n = t.cols.saturating_sub(from).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        let m = [mask(0), mask(16)];
+        let zero = _mm512_setzero_ps();
+        let bias = if t.use_bias {
+            [
+                _mm512_loadu_ps(t.bias.as_ptr()),
+                _mm512_loadu_ps(t.bias.as_ptr().add(16)),
+            ]
+        } else {
+            [zero, zero]
+        };
+        let (lo, hi) = (_mm512_set1_ps(t.lo), _mm512_set1_ps(t.hi));
+        let o = out.as_mut_ptr();
+        for (i, acc) in acc.iter().enumerate() {
+            for v in 0..2 {
+                let mut y = _mm512_add_ps(acc[v], bias[v]);
+                if let Some((r, ldr)) = t.res {
+                    y = _mm512_add_ps(
+                        y,
+                        _mm512_maskz_loadu_ps(m[v], r.as_ptr().wrapping_add(i * ldr + 16 * v)),
+                    );
+                }
+                y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+                _mm512_mask_storeu_ps(o.wrapping_add(i * ldo + 16 * v), m[v], y);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA must be available; as [`tile_avx512`].
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn tile_avx2(t: TileParts, out: &mut [f32], ldo: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe { by_rows!(t.rows, k256, &t, out, ldo, [1, 2, 3]) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn k256<const R: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
+    debug_assert!(t.a.len() >= (R - 1) * t.lda + t.k && t.b.len() >= t.k * NR);
+    // SAFETY: as in `k512`; masked lanes are never touched.
+    unsafe {
+        let b = t.b.as_ptr();
+        let rows: [*const f32; R] = std::array::from_fn(|i| t.a.as_ptr().add(i * t.lda));
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for kk in 0..t.k {
+            let av: [__m256; R] = std::array::from_fn(|i| _mm256_set1_ps(*rows[i].add(kk)));
+            for v in 0..4 {
+                let bv = _mm256_loadu_ps(b.add(kk * NR + 8 * v));
+                for (acc, av) in acc.iter_mut().zip(&av) {
+                    acc[v] = _mm256_fmadd_ps(*av, bv, acc[v]);
+                }
+            }
+        }
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mut m = [_mm256_setzero_si256(); 4];
+        for (v, m) in m.iter_mut().enumerate() {
+            let left = t.cols.saturating_sub(8 * v).min(8) as i32;
+            *m = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes);
+        }
+        let (lo, hi) = (_mm256_set1_ps(t.lo), _mm256_set1_ps(t.hi));
+        let o = out.as_mut_ptr();
+        for (i, acc) in acc.iter().enumerate() {
+            for v in 0..4 {
+                let mut y = acc[v];
+                if t.use_bias {
+                    y = _mm256_add_ps(y, _mm256_loadu_ps(t.bias.as_ptr().add(8 * v)));
+                }
+                if let Some((r, ldr)) = t.res {
+                    y = _mm256_add_ps(
+                        y,
+                        _mm256_maskload_ps(r.as_ptr().wrapping_add(i * ldr + 8 * v), m[v]),
+                    );
+                }
+                y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+                _mm256_maskstore_ps(o.wrapping_add(i * ldo + 8 * v), m[v], y);
+            }
+        }
+    }
+}
