@@ -280,7 +280,10 @@ mod tests {
         let row = INPUT_SIZE;
         for (plain, mirrored) in [(&views[0], &views[1]), (&views[2], &views[3])] {
             for (a, b) in plain.chunks_exact(row).zip(mirrored.chunks_exact(row)) {
-                assert!(a.iter().eq(b.iter().rev()), "a row is not its mirror's reverse");
+                assert!(
+                    a.iter().eq(b.iter().rev()),
+                    "a row is not its mirror's reverse"
+                );
             }
         }
         let center = preprocess_views(PHOTO, &limits, &[View::CENTER]).expect("center");

@@ -142,7 +142,11 @@ async fn info_and_embeddings_match_the_in_process_backbone() {
 async fn a_view_set_embeds_the_mean_of_its_views_and_says_so_in_the_identity() {
     let server = TestServer::real(BackboneKind::MobileNetV2, small_config()).await;
     let mut client = server.client().await;
-    let info = client.info(InfoRequest {}).await.expect("info").into_inner();
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
     let photo = std::fs::read(fixture("f_wide.jpg")).expect("fixture");
     let requests = vec![
         EmbedRequest {
@@ -183,7 +187,10 @@ async fn a_view_set_embeds_the_mean_of_its_views_and_says_so_in_the_identity() {
         .expect("forward");
     let four = answers.items["four"].as_ref().expect("embedded");
     let diff = relative_diff(four, &expected);
-    assert!(diff < 1e-4, "mean of four views: relative difference {diff}");
+    assert!(
+        diff < 1e-4,
+        "mean of four views: relative difference {diff}"
+    );
     let center = answers.items["center"].as_ref().expect("embedded");
     assert!(
         relative_diff(four, center) > 1e-3,
