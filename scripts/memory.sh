@@ -83,16 +83,16 @@ import sys
 rows = [tuple(map(float, l.split("\t"))) for l in open(sys.argv[1]) if l.strip()]
 marks = [(float(t), what.strip()) for t, what in (l.split("\t", 1) for l in open(sys.argv[2]))]
 budget = 1024 * 1024
-print(f"{'phase':<48} {'feature-server':>15} {'head-trainer':>13} {'both':>9}   budget")
+print(f"{'phase':<58} {'feature-server':>15} {'head-trainer':>13} {'both':>9}   budget")
 prev = marks[0][0]
 for t, what in marks[1:]:
     seg = [r for r in rows if prev <= r[0] <= t] or rows[-1:]
     peak = max(seg, key=lambda r: r[1] + r[2])
-    print(f"{'peak during ' + what:<48} {peak[1]/1024:>11.0f} MiB {peak[2]/1024:>9.0f} MiB {(peak[1]+peak[2])/1024:>5.0f} MiB   1024 MiB")
+    print(f"{'peak during ' + what:<58} {peak[1]/1024:>11.0f} MiB {peak[2]/1024:>9.0f} MiB {(peak[1]+peak[2])/1024:>5.0f} MiB   1024 MiB")
     prev = t
 last = rows[-1]
 peak = max(rows, key=lambda r: r[1] + r[2])
-print(f"{'at the end':<48} {last[1]/1024:>11.0f} MiB {last[2]/1024:>9.0f} MiB {(last[1]+last[2])/1024:>5.0f} MiB")
+print(f"{'at the end':<58} {last[1]/1024:>11.0f} MiB {last[2]/1024:>9.0f} MiB {(last[1]+last[2])/1024:>5.0f} MiB")
 verdict = "within" if peak[1] + peak[2] < budget else "OVER"
 print(f"peak of both together: {(peak[1]+peak[2])/1024:.0f} MiB ({verdict} the 1024 MiB budget)")
 EOF
