@@ -8,6 +8,8 @@
 //! output is written exactly once. Kernels: AVX-512 (12 rows x 32 columns), AVX2+FMA (3 x 32),
 //! and a portable fallback, chosen at run time.
 
+use std::ops::Range;
+
 use super::isa::{Isa, isa};
 
 /// Output channels per packed weight panel (two AVX-512 vectors, four AVX2 vectors).
@@ -84,25 +86,37 @@ pub fn gemm(
     ldo: usize,
     ep: Epilogue,
 ) {
-    if m == 0 {
+    gemm_panels(m, b, 0..b.n.div_ceil(NR), a, lda, out, ldo, ep);
+}
+
+/// [`gemm`] for the output columns of weight panels `panels` only (32 columns each); column 0
+/// of `out` and of the residual is the first column of `panels.start`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_panels(
+    m: usize,
+    b: &PackedB,
+    panels: Range<usize>,
+    a: &[f32],
+    lda: usize,
+    out: &mut [f32],
+    ldo: usize,
+    ep: Epilogue,
+) {
+    if m == 0 || panels.is_empty() {
         return;
     }
+    let n = b.n.min(panels.end * NR) - panels.start * NR;
     assert!(lda >= b.k && a.len() >= (m - 1) * lda + b.k, "input rows");
-    assert!(
-        ldo >= b.n && out.len() >= (m - 1) * ldo + b.n,
-        "output rows"
-    );
+    assert!(ldo >= n && out.len() >= (m - 1) * ldo + n, "output rows");
     if let Some((res, ldr)) = ep.residual {
-        assert!(
-            ldr >= b.n && res.len() >= (m - 1) * ldr + b.n,
-            "residual rows"
-        );
+        assert!(ldr >= n && res.len() >= (m - 1) * ldr + n, "residual rows");
     }
     let isa = isa();
     let mr = isa.mr();
     for r0 in (0..m).step_by(mr) {
         let rows = mr.min(m - r0);
-        for p in 0..b.n.div_ceil(NR) {
+        for p in panels.clone() {
+            let c0 = (p - panels.start) * NR;
             let tile = Tile {
                 k: b.k,
                 a: &a[r0 * lda..],
@@ -110,14 +124,14 @@ pub fn gemm(
                 b: b.panel(p),
                 bias: &b.bias[p * NR..(p + 1) * NR],
                 use_bias: ep.bias,
-                res: ep.residual.map(|(r, ldr)| (&r[r0 * ldr + p * NR..], ldr)),
+                res: ep.residual.map(|(r, ldr)| (&r[r0 * ldr + c0..], ldr)),
                 lo: ep.lo,
                 hi: ep.hi,
                 rows,
                 cols: NR.min(b.n - p * NR),
             };
             // Bounds: the asserts above cover the last row and column of this tile.
-            tile.run(isa, &mut out[r0 * ldo + p * NR..], ldo);
+            tile.run(isa, &mut out[r0 * ldo + c0..], ldo);
         }
     }
 }

@@ -11,11 +11,16 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm::{Epilogue, PackedB, gemm};
+use super::gemm::{Epilogue, NR, PackedB, gemm, gemm_panels};
 use super::isa::{isa, vectorized};
 use super::winograd::Winograd;
 use crate::models::fold::ConvSpec;
 use crate::models::ops::Act;
+
+/// Below this many 4x4 output tiles in the batch, a Winograd layer runs as im2col instead:
+/// each call streams the 36 transformed weight matrices (4x the weights; 38 MB for 512
+/// channels), which at batch 1 in ResNet18's layer4 (4 tiles) costs more than the 4x saving.
+const MIN_WINOGRAD_TILES: usize = 8;
 
 /// How a convolution is computed.
 enum Method {
@@ -23,7 +28,8 @@ enum Method {
     Pointwise(PackedB),
     /// Everything else dense: im2col rows packed on the fly.
     Im2col(PackedB),
-    Winograd(Winograd),
+    /// With the im2col packing too, for batches with too few tiles (see [`MIN_WINOGRAD_TILES`]).
+    Winograd(Winograd, PackedB),
     /// Weights `[k*k][C]` (tap-major, channels contiguous).
     Depthwise(Vec<f32>),
 }
@@ -70,25 +76,23 @@ impl Conv {
             Method::Depthwise(w)
         } else {
             assert_eq!(spec.groups, 1, "grouped convolutions other than depthwise");
-            if winograd && k == 3 && spec.stride == 1 && spec.padding == 1 {
-                Method::Winograd(Winograd::new(weight, ci, co, bias))
-            } else {
-                // [o][c][ky][kx] -> B[(ky*k + kx)*c_in + c][o]
-                let kk = k * k * ci;
-                let mut b = vec![0f32; kk * co];
-                for o in 0..co {
-                    for c in 0..ci {
-                        for t in 0..k * k {
-                            b[(t * ci + c) * co + o] = weight[(o * ci + c) * k * k + t];
-                        }
+            // [o][c][ky][kx] -> B[(ky*k + kx)*c_in + c][o]
+            let kk = k * k * ci;
+            let mut b = vec![0f32; kk * co];
+            for o in 0..co {
+                for c in 0..ci {
+                    for t in 0..k * k {
+                        b[(t * ci + c) * co + o] = weight[(o * ci + c) * k * k + t];
                     }
                 }
-                let packed = PackedB::new(&b, kk, co, bias);
-                if k == 1 && spec.stride == 1 && spec.padding == 0 {
-                    Method::Pointwise(packed)
-                } else {
-                    Method::Im2col(packed)
-                }
+            }
+            let packed = PackedB::new(&b, kk, co, bias);
+            if winograd && k == 3 && spec.stride == 1 && spec.padding == 1 {
+                Method::Winograd(Winograd::new(weight, ci, co, bias), packed)
+            } else if k == 1 && spec.stride == 1 && spec.padding == 0 {
+                Method::Pointwise(packed)
+            } else {
+                Method::Im2col(packed)
             }
         };
         Self {
@@ -104,7 +108,7 @@ impl Conv {
         let how = match &self.method {
             Method::Pointwise(_) => "pointwise",
             Method::Im2col(_) => "im2col",
-            Method::Winograd(_) => "winograd",
+            Method::Winograd(..) => "winograd",
             Method::Depthwise(_) => "depthwise",
         };
         format!(
@@ -133,18 +137,32 @@ impl Conv {
         let out = &mut out[..os.len()];
         let (lo, hi) = act.bounds();
         match &self.method {
+            Method::Winograd(w, _)
+                if xs.n * xs.h.div_ceil(4) * xs.w.div_ceil(4) >= MIN_WINOGRAD_TILES =>
+            {
+                w.run(x, xs, out, residual, lo, hi);
+            }
+            Method::Pointwise(b) if os.n * os.h * os.w <= NARROW_ROWS => {
+                narrow_gemm(os.len() / os.c, b, (x, xs.c), out, residual, (lo, hi));
+            }
+            Method::Im2col(b) | Method::Winograd(_, b) if os.n * os.h * os.w <= NARROW_ROWS => {
+                let m = os.len() / os.c;
+                with_scratch(&IM2COL, m * b.k, |a| {
+                    self.gather(x, xs, os, 0, a, b.k);
+                    narrow_gemm(m, b, (a, b.k), out, residual, (lo, hi));
+                });
+            }
             Method::Pointwise(b) => {
                 par_rows(out, os.c, residual, |r0, rows, o, res| {
                     let a = &x[r0 * xs.c..];
                     gemm(rows, b, a, xs.c, o, os.c, epilogue(res, os.c, lo, hi));
                 });
             }
-            Method::Im2col(b) => {
+            Method::Im2col(b) | Method::Winograd(_, b) => {
                 par_rows(out, os.c, residual, |r0, rows, o, res| {
-                    self.im2col_gemm(b, x, xs, os, r0, rows, o, res, (lo, hi));
+                    self.im2col_gemm(b, x, (xs, os), r0, rows, o, res, (lo, hi));
                 });
             }
-            Method::Winograd(w) => w.run(x, xs, out, residual, lo, hi),
             Method::Depthwise(w) => self.depthwise(w, x, xs, os, out, residual, lo, hi),
         }
     }
@@ -243,59 +261,80 @@ where
 thread_local! {
     /// One block of im2col rows, per thread, reused by every layer.
     static IM2COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The per-panel outputs of [`narrow_gemm`], on the calling thread.
+    static NARROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Bytes of im2col rows gathered at a time: they stay in L2 while the GEMM reads them.
 const IM2COL_BYTES: usize = 256 << 10;
 
+/// At most this many output rows (pixels), a layer is split across threads by output
+/// channels instead of rows: splitting 49 rows (layer4 at batch 1) by rows would leave a
+/// core idle and make every chunk stream all the weights again.
+const NARROW_ROWS: usize = 256;
+
+/// Runs `f` on this thread's buffer `cell`, grown to at least `len` floats.
+fn with_scratch<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    cell.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
 impl Conv {
-    /// Output rows `r0 .. r0 + rows`: gathers im2col rows block by block (taps major,
-    /// channels minor; each kernel row of taps is one contiguous run of NHWC input) and
-    /// multiplies each block as it is made.
+    /// Writes im2col rows for output pixels `g0 .. g0 + rows.len() / k` (taps major, channels
+    /// minor): each kernel row of taps is one contiguous run of the NHWC input.
+    fn gather(&self, x: &[f32], xs: Shape, os: Shape, g0: usize, rows: &mut [f32], kk: usize) {
+        let (k, s, p, c) = (self.spec.kernel, self.spec.stride, self.spec.padding, xs.c);
+        for (i, row) in rows.chunks_exact_mut(kk).enumerate() {
+            let g = g0 + i;
+            let (bi, oy, ox) = (g / (os.h * os.w), (g / os.w) % os.h, g % os.w);
+            for (ky, taps) in row.chunks_exact_mut(k * c).enumerate() {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < xs.h) else {
+                    taps.fill(0.0);
+                    continue;
+                };
+                // Taps kx in first..end fall inside the row; the rest are padding.
+                let first = p.saturating_sub(ox * s);
+                let end = (xs.w + p).saturating_sub(ox * s).min(k);
+                taps[..first * c].fill(0.0);
+                taps[end * c..].fill(0.0);
+                if first < end {
+                    let ix = ox * s + first - p;
+                    let src = &x[((bi * xs.h + iy) * xs.w + ix) * c..][..(end - first) * c];
+                    taps[first * c..end * c].copy_from_slice(src);
+                }
+            }
+        }
+    }
+
+    /// Output rows `r0 .. r0 + rows`, im2col block by block, each multiplied as it is made.
     #[allow(clippy::too_many_arguments)]
     fn im2col_gemm(
         &self,
         b: &PackedB,
         x: &[f32],
-        xs: Shape,
-        os: Shape,
+        (xs, os): (Shape, Shape),
         r0: usize,
         rows: usize,
         out: &mut [f32],
         res: Option<&[f32]>,
         (lo, hi): (f32, f32),
     ) {
-        let (k, s, p, c) = (self.spec.kernel, self.spec.stride, self.spec.padding, xs.c);
         let kk = b.k;
         let mr = isa().mr();
         let block = (IM2COL_BYTES / (4 * kk)).max(mr) / mr * mr;
-        IM2COL.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            if buf.len() < block * kk {
-                buf.resize(block * kk, 0.0);
-            }
+        with_scratch(&IM2COL, block * kk, |buf| {
             for q0 in (0..rows).step_by(block) {
                 let n = block.min(rows - q0);
-                for (i, row) in buf[..n * kk].chunks_exact_mut(kk).enumerate() {
-                    let g = r0 + q0 + i;
-                    let (bi, oy, ox) = (g / (os.h * os.w), (g / os.w) % os.h, g % os.w);
-                    for (ky, taps) in row.chunks_exact_mut(k * c).enumerate() {
-                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < xs.h) else {
-                            taps.fill(0.0);
-                            continue;
-                        };
-                        // Taps kx in lo..hi fall inside the row; the rest are padding.
-                        let lo = p.saturating_sub(ox * s);
-                        let hi = (xs.w + p).saturating_sub(ox * s).min(k);
-                        taps[..lo * c].fill(0.0);
-                        taps[hi * c..].fill(0.0);
-                        if lo < hi {
-                            let ix = ox * s + lo - p;
-                            let src = &x[((bi * xs.h + iy) * xs.w + ix) * c..][..(hi - lo) * c];
-                            taps[lo * c..hi * c].copy_from_slice(src);
-                        }
-                    }
-                }
+                self.gather(x, xs, os, r0 + q0, &mut buf[..n * kk], kk);
                 let o = &mut out[q0 * os.c..];
                 let r = res.map(|r| &r[q0 * os.c..]);
                 gemm(n, b, &buf[..n * kk], kk, o, os.c, epilogue(r, os.c, lo, hi));
@@ -304,13 +343,41 @@ impl Conv {
     }
 }
 
+/// `m` rows (few), threads splitting the output channels: each 32-column panel goes to its
+/// own block of scratch, then the blocks are copied into the `[m, n]` output.
+fn narrow_gemm(
+    m: usize,
+    b: &PackedB,
+    (a, lda): (&[f32], usize),
+    out: &mut [f32],
+    residual: Option<&[f32]>,
+    (lo, hi): (f32, f32),
+) {
+    let np = b.n.div_ceil(NR);
+    with_scratch(&NARROW, np * m * NR, |scratch| {
+        scratch
+            .par_chunks_mut(m * NR)
+            .enumerate()
+            .for_each(|(p, s)| {
+                let res = residual.map(|r| &r[p * NR..]);
+                gemm_panels(m, b, p..p + 1, a, lda, s, NR, epilogue(res, b.n, lo, hi));
+            });
+        for (r, row) in out.chunks_exact_mut(b.n).enumerate().take(m) {
+            for (p, cols) in row.chunks_mut(NR).enumerate() {
+                cols.copy_from_slice(&scratch[(p * m + r) * NR..][..cols.len()]);
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::models::conv::test_util::{max_abs_diff, rand_vec, reference_conv, to_nhwc};
     use candle_core::{Device, Result, Tensor};
 
-    /// Every method against candle's conv2d on random data, with residual and both clamps.
+    /// Every method against candle's conv2d on random data, with residual and both clamps;
+    /// small cases take the narrow (split by channels) and small-batch Winograd fallbacks.
     #[test]
     fn methods_match_candle_conv2d() -> Result<()> {
         let cases = [
@@ -324,6 +391,10 @@ mod tests {
             (24, 24, 3, 2, 24, 9, 10, false),
             (16, 32, 3, 1, 1, 13, 9, true),
             (32, 40, 3, 1, 1, 4, 7, true),
+            // More than NARROW_ROWS output pixels: split by rows, not by output channels.
+            (16, 40, 1, 1, 1, 20, 15, false),
+            (8, 33, 3, 2, 1, 40, 30, false),
+            (32, 40, 3, 1, 1, 12, 25, true),
         ];
         for (seed, &(ci, co, k, s, g, h, w, wino)) in cases.iter().enumerate() {
             let seed = seed as u64 * 100;

@@ -18,7 +18,7 @@ pub type Slot = usize;
 
 enum Step {
     Conv {
-        conv: Conv,
+        conv: Box<Conv>,
         input: Slot,
         output: Slot,
         residual: Option<Slot>,
@@ -29,8 +29,9 @@ enum Step {
 }
 
 pub struct Net {
-    /// Each step with the sub-batch size it runs at (0: the whole batch).
-    steps: Vec<(usize, Step)>,
+    steps: Vec<Step>,
+    /// Images per pass through the steps (0: the whole batch at once).
+    sub_batch: usize,
     slots: usize,
     last: Slot,
     buffers: Mutex<Vec<Vec<f32>>>,
@@ -40,7 +41,7 @@ pub struct Net {
 
 /// Builds a [`Net`]: each step names its input, and gets back its output slot.
 pub struct NetBuilder {
-    steps: Vec<(usize, Step)>,
+    steps: Vec<Step>,
     slots: usize,
     sub_batch: usize,
 }
@@ -84,13 +85,13 @@ impl NetBuilder {
         busy.extend(residual);
         let output = self.fresh(&busy);
         let step = Step::Conv {
-            conv,
+            conv: Box::new(conv),
             input,
             output,
             residual,
             act,
         };
-        self.steps.push((self.sub_batch, step));
+        self.steps.push(step);
         output
     }
 
@@ -109,13 +110,13 @@ impl NetBuilder {
 
     pub fn max_pool(&mut self, input: Slot) -> Slot {
         let output = self.fresh(&[input]);
-        self.steps
-            .push((self.sub_batch, Step::MaxPool { input, output }));
+        self.steps.push(Step::MaxPool { input, output });
         output
     }
 
-    /// Steps added from now on run `images` images at a time (0: the whole batch), so that
-    /// the large early activations of a big batch stay in cache from one layer to the next.
+    /// Run the network on at most `images` images at a time (0: the whole batch): where the
+    /// weights are small and the activations large (MobileNetV2), a big batch only pushes
+    /// every layer's activations out of cache without saving any weight traffic.
     pub fn sub_batch(&mut self, images: usize) {
         self.sub_batch = images;
     }
@@ -125,6 +126,7 @@ impl NetBuilder {
             steps: self.steps,
             slots: self.slots,
             last,
+            sub_batch: self.sub_batch,
             buffers: Mutex::new(Vec::new()),
             profile: std::env::var_os("TAXON_CONV_PROFILE").is_some(),
         }
@@ -134,33 +136,38 @@ impl NetBuilder {
 impl Net {
     /// `x`: `[n, c, h, w]` NCHW (as the server hands images) -> `[n, C]` global average pool.
     pub fn forward(&self, x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+        let per_image = c * h * w;
+        let chunk = if self.sub_batch == 0 {
+            n
+        } else {
+            self.sub_batch.min(n)
+        }
+        .max(1);
+        let mut out = Vec::new();
+        for i0 in (0..n).step_by(chunk) {
+            let nb = chunk.min(n - i0);
+            let x = &x[i0 * per_image..(i0 + nb) * per_image];
+            out.extend(self.forward_chunk(x, Shape { n: nb, h, w, c }));
+        }
+        out
+    }
+
+    fn forward_chunk(&self, x: &[f32], xs: Shape) -> Vec<f32> {
         let mut bufs = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         bufs.resize_with(self.slots, Vec::new);
-        let mut shapes = vec![Shape { n, h, w, c }; self.slots];
-        grow(&mut bufs[0], n * h * w * c);
-        to_nhwc(x, &mut bufs[0][..n * h * w * c], c, h * w);
+        let mut shapes = vec![xs; self.slots];
+        grow(&mut bufs[0], xs.len());
+        to_nhwc(x, &mut bufs[0][..xs.len()], xs.c, xs.h * xs.w);
         let mut times = vec![0f64; self.steps.len()];
-        let mut i = 0;
-        while i < self.steps.len() {
-            // A run of steps with the same sub-batch size, done sub-batch by sub-batch.
-            let sub = self.steps[i].0;
-            let end = (i..self.steps.len())
-                .find(|&j| self.steps[j].0 != sub)
-                .unwrap_or(self.steps.len());
-            let sub = if sub == 0 { n } else { sub.min(n) };
-            for i0 in (0..n).step_by(sub.max(1)) {
-                for (j, (_, step)) in self.steps[i..end].iter().enumerate() {
-                    let t = self.profile.then(std::time::Instant::now);
-                    run_step(step, &mut bufs, &mut shapes, i0, sub.min(n - i0));
-                    if let Some(t) = t {
-                        times[i + j] += t.elapsed().as_secs_f64();
-                    }
-                }
+        for (step, time) in self.steps.iter().zip(&mut times) {
+            let t = self.profile.then(std::time::Instant::now);
+            run_step(step, &mut bufs, &mut shapes);
+            if let Some(t) = t {
+                *time = t.elapsed().as_secs_f64();
             }
-            i = end;
         }
         if self.profile {
-            self.print_profile(&times, n);
+            self.print_profile(&times, xs.n);
         }
         let s = shapes[self.last];
         global_average(&bufs[self.last][..s.len()], s)
@@ -172,28 +179,23 @@ impl Net {
             "conv engine, batch {n}: {:.2} ms/image",
             total * 1e3 / n as f64
         );
-        for ((sub, step), t) in self.steps.iter().zip(times) {
+        for (step, t) in self.steps.iter().zip(times) {
             let what = match step {
                 Step::Conv { conv, .. } => conv.describe(),
                 Step::MaxPool { .. } => "max-pool".into(),
             };
-            eprintln!(
-                "  {:6.3} ms/img {:4.1} %  sub {sub:2}  {what}",
-                t * 1e3 / n as f64,
-                100.0 * t / total
-            );
+            let (ms, pct) = (t * 1e3 / n as f64, 100.0 * t / total);
+            eprintln!("  {ms:6.3} ms/img {pct:4.1} %  {what}");
         }
     }
 }
 
-/// One step on images `i0 .. i0 + nb` of every buffer it touches; `shapes` hold whole-batch
-/// shapes and are updated for the output.
-fn run_step(step: &Step, bufs: &mut [Vec<f32>], shapes: &mut [Shape], i0: usize, nb: usize) {
+/// One step: reads its input (and residual) buffer, writes its output buffer and shape.
+fn run_step(step: &Step, bufs: &mut [Vec<f32>], shapes: &mut [Shape]) {
     let (input, output) = match step {
         Step::Conv { input, output, .. } | Step::MaxPool { input, output } => (*input, *output),
     };
-    let full = shapes[input];
-    let xs = Shape { n: nb, ..full };
+    let xs = shapes[input];
     let os = match step {
         Step::Conv { conv, .. } => conv.out_shape(xs),
         Step::MaxPool { .. } => Shape {
@@ -202,25 +204,21 @@ fn run_step(step: &Step, bufs: &mut [Vec<f32>], shapes: &mut [Shape], i0: usize,
             ..xs
         },
     };
-    let (per_in, per_out) = (xs.len() / nb, os.len() / nb);
     let mut out = std::mem::take(&mut bufs[output]);
-    grow(&mut out, per_out * full.n);
-    let o = &mut out[i0 * per_out..(i0 + nb) * per_out];
-    let x = &bufs[input][i0 * per_in..(i0 + nb) * per_in];
+    grow(&mut out, os.len());
+    let o = &mut out[..os.len()];
+    let x = &bufs[input][..xs.len()];
     match step {
         Step::Conv {
             conv,
             residual,
             act,
             ..
-        } => {
-            let res = residual.map(|r| &bufs[r][i0 * per_out..(i0 + nb) * per_out]);
-            conv.run(x, xs, o, res, *act);
-        }
+        } => conv.run(x, xs, o, residual.map(|r| &bufs[r][..os.len()]), *act),
         Step::MaxPool { .. } => max_pool(x, xs, o, os),
     }
     bufs[output] = out;
-    shapes[output] = Shape { n: full.n, ..os };
+    shapes[output] = os;
 }
 
 fn grow(buf: &mut Vec<f32>, len: usize) {

@@ -250,8 +250,17 @@ fn bt(s: [&[f32]; 6], dst: &mut [f32], c: usize) {
     let (r2, rest) = rest.split_at_mut(c);
     let (r3, rest) = rest.split_at_mut(c);
     let (r4, r5) = rest.split_at_mut(c);
-    let [d0, d1, d2, d3, d4, d5] = s;
-    for j in 0..c.min(r5.len()).min(d0.len()).min(d5.len()) {
+    // Every slice cut to exactly `c`, so the loop has no bounds checks and vectorizes.
+    let [d0, d1, d2, d3, d4, d5] = s.map(|d| &d[..c]);
+    let (r0, r1, r2, r3, r4, r5) = (
+        &mut r0[..c],
+        &mut r1[..c],
+        &mut r2[..c],
+        &mut r3[..c],
+        &mut r4[..c],
+        &mut r5[..c],
+    );
+    for j in 0..c {
         let (a0, a1, a2, a3, a4, a5) = (d0[j], d1[j], d2[j], d3[j], d4[j], d5[j]);
         r0[j] = 4.0 * a0 - 5.0 * a2 + a4;
         r1[j] = -4.0 * (a1 + a2) + a3 + a4;
@@ -268,8 +277,9 @@ fn at(s: [&[f32]; 6], dst: &mut [f32], c: usize) {
     let (r0, rest) = dst.split_at_mut(c);
     let (r1, rest) = rest.split_at_mut(c);
     let (r2, r3) = rest.split_at_mut(c);
-    let [m0, m1, m2, m3, m4, m5] = s;
-    for j in 0..c.min(r3.len()).min(m0.len()).min(m5.len()) {
+    let [m0, m1, m2, m3, m4, m5] = s.map(|m| &m[..c]);
+    let (r0, r1, r2, r3) = (&mut r0[..c], &mut r1[..c], &mut r2[..c], &mut r3[..c]);
+    for j in 0..c {
         let (a0, a1, a2, a3, a4, a5) = (m0[j], m1[j], m2[j], m3[j], m4[j], m5[j]);
         let (p12, d12, p34, d34) = (a1 + a2, a1 - a2, a3 + a4, a3 - a4);
         r0[j] = a0 + p12 + p34;
