@@ -180,26 +180,39 @@ impl Conv {
         hi: f32,
     ) {
         let (k, s, p, c) = (self.spec.kernel, self.spec.stride, self.spec.padding, xs.c);
-        for_each_pixel(out, os, |b, oy, ox, o| {
-            o.copy_from_slice(&self.bias);
-            for ky in 0..k {
-                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < xs.h) else {
-                    continue;
-                };
-                for kx in 0..k {
-                    let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&ix| ix < xs.w) else {
-                        continue;
-                    };
-                    let xp = &x[((b * xs.h + iy) * xs.w + ix) * c..][..c];
-                    let wt = &w[(ky * k + kx) * c..][..c];
-                    for ((o, xv), wv) in o.iter_mut().zip(xp).zip(wt) {
-                        *o += xv * wv;
+        // Row by row, tap by tap over the whole output row: the padding checks happen once
+        // per tap and row instead of once per tap and pixel (which dominated at 32 channels).
+        out.par_chunks_mut(os.w * c)
+            .enumerate()
+            .for_each(|(row, orow)| {
+                let (b, oy) = (row / os.h, row % os.h);
+                vectorized(|| {
+                    for o in orow.chunks_exact_mut(c) {
+                        o.copy_from_slice(&self.bias);
                     }
-                }
-            }
-            let r = residual.map(|r| &r[(((b * os.h + oy) * os.w) + ox) * c..][..c]);
-            finish_pixel(o, r, lo, hi);
-        });
+                    for ky in 0..k {
+                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < xs.h) else {
+                            continue;
+                        };
+                        let xrow = &x[(b * xs.h + iy) * xs.w * c..][..xs.w * c];
+                        for kx in 0..k {
+                            // Output columns whose input column ox*s + kx - p is inside the row.
+                            let first = p.saturating_sub(kx).div_ceil(s);
+                            let end = (xs.w + p).saturating_sub(kx).div_ceil(s).min(os.w);
+                            let wt = &w[(ky * k + kx) * c..][..c];
+                            for ox in first..end {
+                                let xp = &xrow[(ox * s + kx - p) * c..][..c];
+                                let o = &mut orow[ox * c..][..c];
+                                for ((o, xv), wv) in o.iter_mut().zip(xp).zip(wt) {
+                                    *o += xv * wv;
+                                }
+                            }
+                        }
+                    }
+                    let r = residual.map(|r| &r[row * os.w * c..][..os.w * c]);
+                    finish_pixel(orow, r, lo, hi);
+                })
+            });
     }
 }
 
