@@ -23,6 +23,9 @@ pub struct Config {
     pub default_head: HeadKind,
     /// Embeddings of classified photos kept in memory (photos enrolled are in the store).
     pub classify_cache_entries: usize,
+    /// Tenants kept loaded in memory; idle ones beyond it are unloaded (they reload from the
+    /// store on their next request).
+    pub max_loaded_tenants: usize,
     /// Share that in-memory cache between tenants (and consult it when enrolling). Off by
     /// default: a shared cache lets one tenant tell, by timing, that another sent the same
     /// bytes recently. The evaluation turns it on, since its fresh tenant per seed would
@@ -55,6 +58,7 @@ impl Config {
             tokens_file: None,
             default_head: HeadKind::Prototype,
             classify_cache_entries: 8192,
+            max_loaded_tenants: 256,
             share_embedding_cache: false,
             views: ViewSet::ScalesAndMirrors,
             max_photo_bytes: 16 << 20,
@@ -100,6 +104,9 @@ pub struct Args {
     /// Embeddings of classified photos kept in memory.
     #[arg(long, env = "TAXON_CLASSIFY_CACHE_ENTRIES", default_value_t = 8192)]
     pub classify_cache_entries: usize,
+    /// Tenants kept in memory; idle ones beyond it are unloaded, least recently used first.
+    #[arg(long, env = "TAXON_MAX_LOADED_TENANTS", default_value_t = 256)]
+    pub max_loaded_tenants: usize,
     /// Share the in-memory embedding cache between tenants (faster evaluations; lets a tenant
     /// infer by timing that another sent the same photo recently).
     #[arg(long, env = "TAXON_SHARE_EMBEDDING_CACHE")]
@@ -111,13 +118,14 @@ pub struct Args {
     /// Largest photo accepted, in bytes.
     #[arg(long, env = "TAXON_MAX_PHOTO_BYTES", default_value_t = 16 << 20)]
     pub max_photo_bytes: usize,
-    /// Open-set rejection: cosine to the nearest class mean below this is UNKNOWN (provisional).
+    /// Open-set rejection: cosine to the nearest class mean below this is UNKNOWN (set by the
+    /// evaluation, see docs/evaluation.md).
     #[arg(long, env = "TAXON_UNKNOWN_SIMILARITY", default_value_t = Thresholds::default().unknown_similarity)]
     pub unknown_similarity: f32,
-    /// Best child at least this probable is the answer (provisional).
+    /// Best child more probable than this is the answer.
     #[arg(long, env = "TAXON_CHILD_MIN_PROBABILITY", default_value_t = Thresholds::default().child_min_probability)]
     pub child_min_probability: f32,
-    /// Otherwise back off to a parent at least this probable (provisional).
+    /// Otherwise back off to a parent at least this probable.
     #[arg(long, env = "TAXON_PARENT_MIN_PROBABILITY", default_value_t = Thresholds::default().parent_min_probability)]
     pub parent_min_probability: f32,
     /// Seed of head initialisation (same examples + same seed = same head).
@@ -144,6 +152,7 @@ impl Args {
         c.tokens_file = self.tokens.clone();
         c.default_head = self.default_head.parse()?;
         c.classify_cache_entries = self.classify_cache_entries;
+        c.max_loaded_tenants = self.max_loaded_tenants;
         c.share_embedding_cache = self.share_embedding_cache;
         c.views = self.views;
         c.max_photo_bytes = self.max_photo_bytes;

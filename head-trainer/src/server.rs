@@ -78,7 +78,11 @@ pub async fn run_with_source(
         config.train.clone(),
         config.default_head,
     );
-    let tenants = Tenants::new(Arc::clone(&store), config.train.clone());
+    let tenants = Tenants::new(
+        Arc::clone(&store),
+        config.train.clone(),
+        config.max_loaded_tenants,
+    );
     let grace = config.shutdown_grace;
     let max_message = config.max_photo_bytes + (1 << 20);
     let ctx = Arc::new(Ctx::new(

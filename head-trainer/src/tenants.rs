@@ -8,6 +8,7 @@
 //! requests finishing out of order never roll the state back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -66,6 +67,9 @@ pub struct Tenant {
     pub train_lock: tokio::sync::Mutex<()>,
     /// Background job bookkeeping: (a job is running, another one was asked for meanwhile).
     pub(crate) job: Mutex<(bool, bool)>,
+    /// When it was last handed out ([`Tenants`]' clock): the least recent idle tenant is the
+    /// first to be unloaded.
+    last_used: AtomicU64,
 }
 
 impl Tenant {
@@ -131,19 +135,59 @@ pub fn prototype_of(snap: &Snapshot, model: &str, opts: &TrainOptions) -> Result
     Ok(Some(head))
 }
 
-/// Every tenant seen since start, loaded from the store on first use.
+/// The tenants in use, loaded from the store on first use and unloaded, least recently used
+/// first, when more than `max_loaded` are in memory. Everything a tenant holds is also in the
+/// store, so unloading loses nothing; without the bound, memory would grow with every tenant
+/// ever seen (an evaluation creates one per seed).
 pub struct Tenants {
     store: Arc<Store>,
     opts: TrainOptions,
+    max_loaded: usize,
+    clock: AtomicU64,
     map: Mutex<HashMap<String, Arc<Tenant>>>,
 }
 
 impl Tenants {
-    pub fn new(store: Arc<Store>, opts: TrainOptions) -> Self {
+    pub fn new(store: Arc<Store>, opts: TrainOptions, max_loaded: usize) -> Self {
         Self {
             store,
             opts,
+            max_loaded: max_loaded.max(1),
+            clock: AtomicU64::new(0),
             map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Tenants now in memory.
+    pub fn loaded(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    fn touch(&self, t: &Tenant) {
+        t.last_used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Unloads idle tenants, least recently used first, until there is room for one more. A
+    /// tenant is idle when the map holds its only reference: no request is using it and no
+    /// training job runs for it (both hold an `Arc`), so the next request reloads exactly
+    /// what the store has.
+    fn make_room(&self, map: &mut HashMap<String, Arc<Tenant>>) {
+        if map.len() < self.max_loaded {
+            return;
+        }
+        let mut idle: Vec<(u64, String)> = map
+            .iter()
+            .filter(|(_, t)| Arc::strong_count(t) == 1)
+            .map(|(name, t)| (t.last_used.load(Ordering::Relaxed), name.clone()))
+            .collect();
+        idle.sort_unstable();
+        let excess = map.len() + 1 - self.max_loaded;
+        for (_, name) in idle.into_iter().take(excess) {
+            map.remove(&name);
+            tracing::debug!(tenant = %name, "unloaded an idle tenant");
         }
     }
 
@@ -155,6 +199,7 @@ impl Tenants {
     /// true when it was loaded now (the caller may want to schedule training).
     pub async fn get(&self, name: &str, model: &str) -> Result<(Arc<Tenant>, bool)> {
         if let Some(t) = self.map.lock().unwrap().get(name) {
+            self.touch(t);
             return Ok((Arc::clone(t), false));
         }
         let store = Arc::clone(&self.store);
@@ -182,15 +227,19 @@ impl Tenants {
         .map_err(|e| Error::Store(format!("loading tenant: {e}")))??;
         let mut map = self.map.lock().unwrap();
         if let Some(t) = map.get(name) {
+            self.touch(t);
             return Ok((Arc::clone(t), false)); // loaded concurrently
         }
+        self.make_room(&mut map);
         let (state, _) = watch::channel(Arc::new(set));
         let t = Arc::new(Tenant {
             name: name.to_string(),
             state,
             train_lock: tokio::sync::Mutex::new(()),
             job: Mutex::new((false, false)),
+            last_used: AtomicU64::new(0),
         });
+        self.touch(&t);
         map.insert(name.to_string(), Arc::clone(&t));
         Ok((t, true))
     }
@@ -208,5 +257,34 @@ impl Tenants {
         .map_err(|e| Error::Store(format!("refreshing tenant: {e}")))??;
         tenant.publish_taxonomy(taxonomy, prototype);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_tenants_are_unloaded_least_recent_first_and_busy_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let tenants = Tenants::new(store, TrainOptions::default(), 2);
+        let m = "test@sha256:00";
+        let (busy, _) = tenants.get("busy", m).await.unwrap(); // held: never unloaded
+        drop(tenants.get("a", m).await.unwrap());
+        assert_eq!(tenants.loaded(), 2);
+        drop(tenants.get("b", m).await.unwrap()); // over the bound: `a` goes, not `busy`
+        assert_eq!(tenants.loaded(), 2);
+        let (again, loaded_now) = tenants.get("busy", m).await.unwrap();
+        assert!(!loaded_now && Arc::ptr_eq(&busy, &again));
+        let (_, loaded_now) = tenants.get("b", m).await.unwrap();
+        assert!(!loaded_now, "`b` stayed");
+        let (a, loaded_now) = tenants.get("a", m).await.unwrap();
+        assert!(loaded_now, "`a` was unloaded and comes back from the store");
+        assert_eq!(tenants.loaded(), 2, "`b`, idle, made room");
+        // Every tenant busy: the bound yields rather than dropping one in use.
+        let (c, _) = tenants.get("c", m).await.unwrap();
+        assert_eq!(tenants.loaded(), 3);
+        drop((busy, again, a, c));
     }
 }
