@@ -18,8 +18,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// File of `token tenant` lines; when set, every request needs a valid bearer token.
     pub tokens_file: Option<PathBuf>,
-    /// The head kind that becomes live once trained (and that Enroll trains). `prototype` by
-    /// default: on the k-shot evaluation (docs/evaluation.md) no trained head beats it reliably.
+    /// The head kind that becomes live once trained (and that Enroll trains). `combined` by
+    /// default: nearest class mean plus a linear correction, at least as good as every other
+    /// head and PyTorch's best at every k of the evaluation (docs/evaluation.md).
     pub default_head: HeadKind,
     /// Embeddings of classified photos kept in memory (photos enrolled are in the store).
     pub classify_cache_entries: usize,
@@ -56,7 +57,7 @@ impl Config {
             features_urls,
             data_dir: data_dir.into(),
             tokens_file: None,
-            default_head: HeadKind::Prototype,
+            default_head: HeadKind::Combined,
             classify_cache_entries: 8192,
             max_loaded_tenants: 256,
             share_embedding_cache: false,
@@ -99,7 +100,7 @@ pub struct Args {
     #[arg(long, env = "TAXON_TOKENS")]
     pub tokens: Option<PathBuf>,
     /// Head kind made live once trained: prototype, flat, hierarchical or combined.
-    #[arg(long, env = "TAXON_DEFAULT_HEAD", default_value = "prototype")]
+    #[arg(long, env = "TAXON_DEFAULT_HEAD", default_value = "combined")]
     pub default_head: String,
     /// Embeddings of classified photos kept in memory.
     #[arg(long, env = "TAXON_CLASSIFY_CACHE_ENTRIES", default_value_t = 8192)]
