@@ -114,6 +114,9 @@ impl ResNet18 {
             return Ok(None);
         }
         let mut b = NetBuilder::new();
+        // 16 images at a time: as fast as 32 (measured), with half the activation buffers
+        // (the stem's output alone is 3.2 MB an image).
+        b.sub_batch(16);
         let x = b.conv_bn(&self.stem, false, (NetBuilder::INPUT, None), Act::Relu, &[])?;
         let mut x = b.max_pool(x);
         for block in &self.blocks {
