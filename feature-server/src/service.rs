@@ -192,24 +192,20 @@ impl StreamDriver {
 /// One item through the engine, as the response the client sees.
 async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> EmbedResponse {
     let EmbedRequest { id, image, views } = request;
-    let (views, view_set) = match ViewSet::try_from(views) {
-        Ok(ViewSet::Center) => (&[View::CENTER][..], ViewSet::Center),
-        Ok(ViewSet::ScalesAndMirrors) => (&SCALES_AND_MIRRORS[..], ViewSet::ScalesAndMirrors),
-        Err(_) => {
-            let err = Error::UnknownViewSet(views);
-            return EmbedResponse {
-                id,
-                result: Some(embed_response::Result::Error(ItemError {
-                    code: err.code() as i32,
-                    message: err.to_string(),
-                })),
+    let embedded = match ViewSet::try_from(views) {
+        Ok(set) => {
+            let views: &'static [View] = match set {
+                ViewSet::Center => &[View::CENTER],
+                ViewSet::ScalesAndMirrors => &SCALES_AND_MIRRORS,
             };
+            engine.embed_views(image, views).await.map(|v| (v, set))
         }
+        Err(_) => Err(Error::UnknownViewSet(views)),
     };
-    let result = match engine.embed_views(image, views).await {
-        Ok(values) => embed_response::Result::Embedding(Embedding {
+    let result = match embedded {
+        Ok((values, set)) => embed_response::Result::Embedding(Embedding {
             values,
-            model: taxon_proto::embedding_identity(&model, view_set),
+            model: taxon_proto::embedding_identity(&model, set),
         }),
         Err(err) => {
             tracing::debug!(%id, error = %err, "item failed");

@@ -11,8 +11,8 @@
 //! 4. its embedding (or error) comes back through its own oneshot.
 //!
 //! Memory is bounded by construction: at most `queue_capacity` preprocessed images (views)
-//! wait, at
-//! most `max_batch` are in the model, and at most `decode_threads` images are being decoded.
+//! wait, at most `max_batch` are in the model (plus the other views of its last item), and at
+//! most `decode_threads` images are being decoded.
 
 mod batcher;
 mod stats;
