@@ -178,7 +178,7 @@ pub fn jpeg(width: u32, height: u32, seed: u32) -> Vec<u8> {
 pub fn request(id: impl Into<String>, image: Vec<u8>) -> EmbedRequest {
     EmbedRequest {
         id: id.into(),
-        image,
+        image: image.into(),
         ..Default::default()
     }
 }
