@@ -261,7 +261,7 @@ async fn end_to_end(
         let requests: Vec<_> = (0..per_stream)
             .map(|i| EmbedRequest {
                 id: format!("{s}-{i}"),
-                image: photos[(s * per_stream + i) % photos.len()].clone(),
+                image: photos[(s * per_stream + i) % photos.len()].clone().into(),
                 ..Default::default()
             })
             .collect();

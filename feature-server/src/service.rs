@@ -221,46 +221,7 @@ async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> Embe
     }
 }
 
-/// The client's deadline from the `grpc-timeout` header (`<digits><unit>`, unit one of
-/// H M S m u n). Tonic applies it to unary calls itself, but for a stream only until the
-/// response headers, so `Embed` enforces it over the whole stream.
-pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn timeout_of(value: &str) -> Option<Duration> {
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        metadata.insert("grpc-timeout", value.parse().unwrap());
-        grpc_timeout(&metadata)
-    }
-
-    #[test]
-    fn parses_grpc_timeout() {
-        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(timeout_of("10u"), Some(Duration::from_micros(10)));
-        assert_eq!(timeout_of("S"), None);
-        assert_eq!(timeout_of("123456789S"), None);
-        assert_eq!(timeout_of("5x"), None);
-        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
-    }
-}
+/// The client's deadline from the `grpc-timeout` header. Tonic applies it to unary calls
+/// itself, but for a stream only until the response headers, so `Embed` enforces it over the
+/// whole stream.
+pub use taxon_proto::grpc_timeout;

@@ -44,3 +44,52 @@ pub mod head_kind {
     /// Nearest class mean plus a trained linear correction: the head-trainer's default.
     pub const COMBINED: &str = "combined";
 }
+
+/// The caller's deadline from the `grpc-timeout` header (`<up to 8 digits><unit>`, unit one
+/// of H M S m u n), as gRPC defines it. Tonic enforces it on unary calls itself, but a server
+/// that calls another service must pass on what remains of it, and a stream is bounded by it
+/// only until its response headers; both sides read it here.
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn timeout_of(value: &str) -> Option<Duration> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn parses_grpc_timeout() {
+        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout_of("10u"), Some(Duration::from_micros(10)));
+        assert_eq!(timeout_of("S"), None);
+        assert_eq!(timeout_of("+5S"), None);
+        assert_eq!(timeout_of("123456789S"), None);
+        assert_eq!(timeout_of("5x"), None);
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+}

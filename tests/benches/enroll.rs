@@ -225,7 +225,7 @@ async fn live_and_latency(weights: PathBuf, pets: PathBuf) {
         let t = Instant::now();
         c.classify(request(
             ClassifyRequest {
-                image: probe.clone(),
+                image: probe.clone().into(),
                 top_k: 5,
                 head: String::new(),
             },
@@ -242,7 +242,7 @@ async fn live_and_latency(weights: PathBuf, pets: PathBuf) {
         let t = Instant::now();
         c.classify(request(
             ClassifyRequest {
-                image: img,
+                image: img.into(),
                 top_k: 5,
                 head: String::new(),
             },
@@ -281,7 +281,7 @@ async fn accuracy(fs: &Running<feature_server::Error>, all: &[(String, String, V
         for (pi, p) in photos.iter().enumerate() {
             reqs.push(EmbedRequest {
                 id: format!("{ci}/{pi}"),
-                image: p.clone(),
+                image: p.clone().into(),
                 // The head-trainer's default, so the heads see what they see in service.
                 views: ViewSet::ScalesAndMirrors as i32,
             });

@@ -233,7 +233,7 @@ pub fn enroll_messages(
             .map(|(i, image)| EnrollRequest {
                 item: Some(enroll_request::Item::Photo(Photo {
                     id: format!("p{i}"),
-                    image,
+                    image: image.into(),
                 })),
             }),
     );

@@ -38,7 +38,7 @@ async fn classify(
 ) -> Result<ClassifyResponse, tonic::Status> {
     c.classify(request(
         ClassifyRequest {
-            image,
+            image: image.into(),
             top_k: 3,
             head: head.to_string(),
         },
@@ -225,19 +225,19 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
     let items = vec![
         ClassifyStreamRequest {
             id: "b".into(),
-            image: png(Pattern::Solid, BLUE, 7),
+            image: png(Pattern::Solid, BLUE, 7).into(),
             top_k: 1,
             head: String::new(),
         },
         ClassifyStreamRequest {
             id: "junk".into(),
-            image: b"not an image".to_vec(),
+            image: b"not an image".to_vec().into(),
             top_k: 1,
             head: String::new(),
         },
         ClassifyStreamRequest {
             id: "g".into(),
-            image: png(Pattern::Stripes, GREEN, 7),
+            image: png(Pattern::Stripes, GREEN, 7).into(),
             top_k: 1,
             head: "flat".into(),
         },

@@ -53,7 +53,7 @@ pub async fn classify_many(
                 Ok(image) => {
                     let req = ClassifyStreamRequest {
                         id: i.to_string(),
-                        image,
+                        image: image.into(),
                         top_k,
                         head: head.clone(),
                     };

@@ -129,7 +129,7 @@ async fn enroll_stream(
                 Ok(image) => {
                     let photo = Photo {
                         id: path.display().to_string(),
-                        image,
+                        image: image.into(),
                     };
                     let msg = EnrollRequest {
                         item: Some(Item::Photo(photo)),
