@@ -85,6 +85,14 @@ pub enum Error {
 fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
     let msg = status.message();
     let hint = match status.code() {
+        // The server answered, so it runs: say which part of it is missing.
+        Code::Unavailable if msg.contains("feature-server") => format!(
+            "the server at {addr} is up, but no feature-server answers it: start or fix the \
+             feature-server (its --features-url), then retry"
+        ),
+        Code::Unavailable if msg.contains("shutting down") => {
+            "the server is shutting down or restarting: retry in a moment".to_string()
+        }
         Code::Unavailable => format!(
             "is the server at {addr} running and its feature-server reachable? retry when it is up"
         ),
@@ -104,9 +112,12 @@ fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
         Code::FailedPrecondition if call == "RemoveClass" => {
             "to remove a parent with its children, add --recursive".to_string()
         }
+        Code::ResourceExhausted if msg.contains("busy") => "the server is at the limit named \
+            above and nothing of this request was stored: retry in a moment, or send fewer \
+            photos at once"
+            .to_string(),
         Code::ResourceExhausted => {
-            "the server is busy or the message too big: retry later, or send smaller images"
-                .to_string()
+            "a message exceeded a size limit (named above): send smaller images".to_string()
         }
         Code::OutOfRange => "a message exceeded the server's size limit: lower --max-file-mib, or raise the server's --max-photo-bytes".to_string(),
         Code::DeadlineExceeded => "the server took too long: retry, or check its load".to_string(),
@@ -164,6 +175,30 @@ mod tests {
         );
         assert_eq!(code_name(3), "INVALID_ARGUMENT");
         assert_eq!(code_name(0), "OK");
+    }
+
+    fn hint(status: tonic::Status) -> String {
+        Error::Rpc {
+            call: "Enroll",
+            addr: "http://h:1".into(),
+            status,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_busy_server_is_not_called_down() {
+        let s = hint(tonic::Status::resource_exhausted(
+            "busy: 1000 bytes waited (--max-inflight-bytes 100); retry later",
+        ));
+        assert!(
+            s.contains("retry in a moment") && !s.contains("running?"),
+            "{s}"
+        );
+        let s = hint(tonic::Status::unavailable(
+            "feature-server unavailable: refused",
+        ));
+        assert!(s.contains("is up, but no feature-server answers"), "{s}");
     }
 
     #[test]

@@ -40,13 +40,22 @@ pub struct Config {
     pub max_photo_bytes: usize,
     /// Most photos in one Enroll.
     pub max_photos_per_enroll: usize,
+    /// Image bytes held at once across every Enroll and Classify call (see `inflight`).
+    pub max_inflight_bytes: usize,
+    /// Training jobs running at once, across tenants (each uses a core while it runs).
+    pub max_training_jobs: usize,
     pub thresholds: Thresholds,
     pub train: TrainOptions,
     pub connect_timeout: Duration,
+    /// Deadline of a request whose caller set none.
     pub request_timeout: Duration,
+    /// Between two probes of the feature-servers (readiness).
+    pub probe_interval: Duration,
     /// Longest an Enroll with `wait_for_head` waits for the trained head.
     pub wait_for_head_timeout: Duration,
-    /// Longest shutdown waits for a running training job.
+    /// On shutdown, how long requests in flight may take to finish before their streams are
+    /// cut (an idle client must not hold a SIGTERM off), and then how long a running training
+    /// job may take to save its head.
     pub shutdown_grace: Duration,
 }
 
@@ -64,14 +73,66 @@ impl Config {
             views: ViewSet::ScalesAndMirrors,
             max_photo_bytes: 16 << 20,
             max_photos_per_enroll: 1000,
+            max_inflight_bytes: 256 << 20,
+            max_training_jobs: 2,
             thresholds: Thresholds::default(),
             train: TrainOptions::default(),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(120),
+            probe_interval: Duration::from_secs(2),
             wait_for_head_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(30),
         }
     }
+
+    /// Refuses values that would fail later, at the first request, instead of at start.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |why: String| Err(crate::Error::InvalidArgument(why));
+        if self.max_photo_bytes == 0 {
+            return bad("--max-photo-bytes must be at least 1".into());
+        }
+        if self.max_inflight_bytes < self.max_photo_bytes {
+            return bad(format!(
+                "--max-inflight-bytes {} is smaller than one photo (--max-photo-bytes {})",
+                self.max_inflight_bytes, self.max_photo_bytes
+            ));
+        }
+        if self.max_photo_bytes > u32::MAX as usize - (1 << 20) {
+            return bad("--max-photo-bytes must be under 4 GiB".into());
+        }
+        for (name, value) in [
+            ("--max-photos-per-enroll", self.max_photos_per_enroll),
+            ("--max-training-jobs", self.max_training_jobs),
+            ("--max-loaded-tenants", self.max_loaded_tenants),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        for (name, d) in [
+            ("--connect-timeout-s", self.connect_timeout),
+            ("--request-timeout-s", self.request_timeout),
+            ("--probe-interval-s", self.probe_interval),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{name} must be more than 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Seconds from a flag as a duration; negative, NaN or absurd values are an error (with the
+/// flag's name) rather than a panic in `Duration::from_secs_f64`.
+fn seconds(flag: &str, s: f64) -> crate::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(365 * 24 * 3600))
+        .ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "{flag} {s}: expected seconds between 0 and one year"
+            ))
+        })
 }
 
 /// Command line of the `head-trainer` binary.
@@ -141,9 +202,24 @@ pub struct Args {
     /// Seconds to wait for a feature-server to connect and answer.
     #[arg(long, env = "TAXON_CONNECT_TIMEOUT_S", default_value_t = 2.0)]
     pub connect_timeout_s: f64,
-    /// Seconds an Embed call may take in all.
+    /// Seconds a request may take in all when its caller sets no deadline (a caller's
+    /// shorter deadline is passed on to the feature-server call).
     #[arg(long, env = "TAXON_REQUEST_TIMEOUT_S", default_value_t = 120.0)]
     pub request_timeout_s: f64,
+    /// Seconds between two probes of the feature-servers; readiness follows the last answer.
+    #[arg(long, env = "TAXON_PROBE_INTERVAL_S", default_value_t = 2.0)]
+    pub probe_interval_s: f64,
+    /// Image bytes held at once across all Enroll and Classify calls; beyond it callers wait
+    /// (up to their deadline), then get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TAXON_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20)]
+    pub max_inflight_bytes: usize,
+    /// Training jobs running at once across all tenants.
+    #[arg(long, env = "TAXON_MAX_TRAINING_JOBS", default_value_t = 2)]
+    pub max_training_jobs: usize,
+    /// Seconds that requests in flight get to finish on SIGTERM before their streams are cut,
+    /// and a running training job then gets to save its head.
+    #[arg(long, env = "TAXON_SHUTDOWN_GRACE_S", default_value_t = 30.0)]
+    pub shutdown_grace_s: f64,
 }
 
 impl Args {
@@ -165,8 +241,13 @@ impl Args {
         c.train.seed = self.train_seed;
         c.train.max_steps = self.train_max_steps;
         c.train.parent_tie = self.parent_tie;
-        c.connect_timeout = Duration::from_secs_f64(self.connect_timeout_s);
-        c.request_timeout = Duration::from_secs_f64(self.request_timeout_s);
+        c.connect_timeout = seconds("--connect-timeout-s", self.connect_timeout_s)?;
+        c.request_timeout = seconds("--request-timeout-s", self.request_timeout_s)?;
+        c.probe_interval = seconds("--probe-interval-s", self.probe_interval_s)?;
+        c.shutdown_grace = seconds("--shutdown-grace-s", self.shutdown_grace_s)?;
+        c.max_inflight_bytes = self.max_inflight_bytes;
+        c.max_training_jobs = self.max_training_jobs;
+        c.validate()?;
         Ok(c)
     }
 }

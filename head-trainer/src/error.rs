@@ -48,6 +48,13 @@ pub enum Error {
     /// No feature-server answered (all down, or the model identity is not known yet).
     #[error("feature-server unavailable: {0}")]
     Unavailable(String),
+    /// A limit shared by every caller is reached (the in-flight image bytes, or a feature-server
+    /// that stayed busy until the deadline): the message names the limit; retrying later works.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The caller's deadline (or ours) passed before the work was done; nothing was written.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
     /// The feature-server rejected one image (undecodable, too large, ...).
     #[error("{message}")]
     Item { code: i32, message: String },
@@ -117,6 +124,8 @@ impl Error {
             }
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
+            Error::Busy(_) => Code::ResourceExhausted,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Item { code, .. } => Code::from_i32(*code),
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Store(_) | Error::Model(_) | Error::Corrupt(_) => Code::Internal,

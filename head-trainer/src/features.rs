@@ -3,21 +3,29 @@
 //!
 //! The real client balances one tonic `Channel` over every `--features-url`
 //! (`Channel::balance_list`: endpoints connect lazily and reconnect on their own, so a
-//! feature-server that restarts comes back without any help). Each call has a deadline to get
-//! its stream going (`connect_timeout`: when every server is down, Enroll and Classify fail
-//! in about that long) and one for the whole call; an UNAVAILABLE answer is retried once,
-//! which hides a single replica dying mid-call. The model identity comes from `Info`, fetched
-//! in the background until a server answers (with the view set appended, as every embedding
-//! carries it); until then there is no identity and every call
-//! that needs one answers UNAVAILABLE (and health says NOT_SERVING).
+//! feature-server that restarts on the same address comes back without any help). Each call
+//! has a deadline to get its stream going (`connect_timeout`) and an overall deadline: the
+//! caller's, or `request_timeout`.
+//!
+//! A busy feature-server is backpressure, not failure: RESOURCE_EXHAUSTED (its queue is full,
+//! for the whole call or for single items) is retried with capped exponential backoff until the
+//! deadline, so sixteen concurrent enrolls of large photos all succeed, only slower. An
+//! UNAVAILABLE answer is retried once, which hides a single replica dying mid-call.
+//!
+//! The model identity comes from `Info`, fetched in the background until a server answers
+//! (with the view set appended, as every embedding carries it). After that the same task
+//! keeps probing `Info` every `probe_interval`, so [`EmbeddingSource::reachable`] says whether
+//! a feature-server answers *now*: readiness health follows it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use prost::bytes::Bytes;
 use taxon_proto::v1::features_client::FeaturesClient;
 use taxon_proto::v1::{EmbedRequest, InfoRequest, ModelInfo, ViewSet, embed_response};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{Error, Result};
@@ -30,9 +38,17 @@ pub trait EmbeddingSource: Send + Sync + 'static {
     /// The model identity and limits, once known; watch it to learn when it becomes known.
     fn info(&self) -> watch::Receiver<Option<Arc<ModelInfo>>>;
 
-    /// Embeds `(id, image)` pairs; the answer has one entry per input, in input order. An
-    /// `Err` of the whole call means nothing was embedded (no server answered).
-    fn embed(&self, items: Vec<(String, Vec<u8>)>) -> BoxFuture<'_, Result<Vec<ItemResult>>>;
+    /// Whether a feature-server answered the latest probe (readiness).
+    fn reachable(&self) -> watch::Receiver<bool>;
+
+    /// Embeds `(id, image)` pairs by `deadline`; the answer has one entry per input, in input
+    /// order. An `Err` of the whole call means nothing was embedded (no server answered in
+    /// time).
+    fn embed(
+        &self,
+        items: Vec<(String, Bytes)>,
+        deadline: Instant,
+    ) -> BoxFuture<'_, Result<Vec<ItemResult>>>;
 }
 
 /// Deadlines of the feature-server client.
@@ -40,8 +56,10 @@ pub trait EmbeddingSource: Send + Sync + 'static {
 pub struct Timeouts {
     /// To connect and get a stream's response headers.
     pub connect: Duration,
-    /// For a whole Embed call.
+    /// For a whole Embed call, when the caller set no deadline of its own.
     pub request: Duration,
+    /// Between two `Info` probes once the identity is known.
+    pub probe: Duration,
 }
 
 /// The gRPC client of the feature-servers.
@@ -51,8 +69,13 @@ pub struct FeatureClient {
     /// sees, so the cache and the heads never mix embeddings of different view sets.
     views: ViewSet,
     info: watch::Sender<Option<Arc<ModelInfo>>>,
+    reachable: watch::Sender<bool>,
     timeouts: Timeouts,
 }
+
+/// Backoff between retries of a busy feature-server: 20 ms doubling to 1 s.
+const BACKOFF_START: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl FeatureClient {
     /// Builds the balanced channel and starts fetching `Info` in the background. Must be
@@ -71,7 +94,6 @@ impl FeatureClient {
             let e = Endpoint::from_shared(url.clone())
                 .map_err(|e| Error::InvalidArgument(format!("--features-url {url}: {e}")))?
                 .connect_timeout(timeouts.connect)
-                .timeout(timeouts.request)
                 .tcp_nodelay(true);
             endpoints.push(e);
         }
@@ -80,60 +102,60 @@ impl FeatureClient {
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
         let (info, _) = watch::channel(None);
+        let (reachable, _) = watch::channel(false);
         let this = Arc::new(Self {
             client,
             views,
             info,
+            reachable,
             timeouts,
         });
-        tokio::spawn(Arc::clone(&this).fetch_info());
+        tokio::spawn(probe(Arc::downgrade(&this)));
         Ok(this)
     }
 
-    /// Asks `Info` until a feature-server answers, backing off up to 2 s between tries.
-    async fn fetch_info(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let mut client = self.client.clone();
-            match tokio::time::timeout(self.timeouts.connect, client.info(InfoRequest {})).await {
-                Ok(Ok(resp)) => {
-                    let mut info = resp.into_inner();
-                    info.model = taxon_proto::embedding_identity(&info.model, self.views);
-                    tracing::info!(model = %info.model, dim = info.dim, "feature-server reachable");
-                    self.info.send_replace(Some(Arc::new(info)));
-                    return;
-                }
-                Ok(Err(status)) => tracing::debug!(%status, "feature-server Info failed; retrying"),
-                Err(_) => tracing::debug!("feature-server Info timed out; retrying"),
+    /// One `Info` call: the identity with our view set appended, or why not.
+    async fn ask_info(&self) -> std::result::Result<ModelInfo, String> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(self.timeouts.connect, client.info(InfoRequest {})).await {
+            Ok(Ok(resp)) => {
+                let mut info = resp.into_inner();
+                info.model = taxon_proto::embedding_identity(&info.model, self.views);
+                Ok(info)
             }
-            if Arc::strong_count(&self) == 1 {
-                return; // the server is gone: nobody left to care
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            Ok(Err(status)) => Err(status.to_string()),
+            Err(_) => Err("timed out".into()),
         }
     }
 
+    /// One Embed call for `items` (ids are their indices), by `deadline`.
     async fn embed_once(
         &self,
-        items: &[(String, Vec<u8>)],
+        items: &[(String, Bytes)],
+        deadline: Instant,
     ) -> std::result::Result<Vec<ItemResult>, tonic::Status> {
         let requests: Vec<EmbedRequest> = items
             .iter()
             .enumerate()
             .map(|(i, (_, image))| EmbedRequest {
                 id: i.to_string(),
-                image: image.clone(),
+                image: image.clone(), // a reference count, not a copy of the photo
                 views: self.views as i32,
             })
             .collect();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(tonic::Status::deadline_exceeded(
+                "deadline passed before the feature-server was called",
+            ));
+        }
+        let mut request = tonic::Request::new(tokio_stream::iter(requests));
+        request.set_timeout(remaining);
         let mut client = self.client.clone();
-        let started = tokio::time::timeout(
-            self.timeouts.connect,
-            client.embed(tokio_stream::iter(requests)),
-        )
-        .await
-        .map_err(|_| tonic::Status::unavailable("no feature-server answered in time"))??;
+        let started =
+            tokio::time::timeout(self.timeouts.connect.min(remaining), client.embed(request))
+                .await
+                .map_err(|_| tonic::Status::unavailable("no feature-server answered in time"))??;
         let mut stream = started.into_inner();
         let mut out: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
         let collect = async {
@@ -164,7 +186,7 @@ impl FeatureClient {
             }
             Ok::<_, tonic::Status>(())
         };
-        tokio::time::timeout(self.timeouts.request, collect)
+        tokio::time::timeout_at(deadline, collect)
             .await
             .map_err(|_| {
                 tonic::Status::deadline_exceeded("feature-server did not finish in time")
@@ -183,32 +205,132 @@ impl FeatureClient {
     }
 }
 
+/// Fetches the identity until a feature-server answers (backing off up to 2 s), then keeps
+/// probing so that `reachable` tells the truth; ends when the client is dropped.
+async fn probe(this: std::sync::Weak<FeatureClient>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(client) = this.upgrade() else { return };
+        let interval = match client.ask_info().await {
+            Ok(info) => {
+                let known = client.info.borrow().as_ref().map(|i| i.model.clone());
+                match known {
+                    None => {
+                        tracing::info!(model = %info.model, dim = info.dim, "feature-server reachable");
+                        client.info.send_replace(Some(Arc::new(info)));
+                    }
+                    Some(m) if m != info.model => tracing::error!(
+                        expected = %m, got = %info.model,
+                        "a feature-server serves a different model; its embeddings are refused"
+                    ),
+                    Some(_) => {}
+                }
+                if !client.reachable.send_replace(true) {
+                    tracing::info!("feature-server answers");
+                }
+                backoff = Duration::from_millis(50);
+                client.timeouts.probe
+            }
+            Err(why) => {
+                if client.reachable.send_replace(false) {
+                    tracing::warn!(%why, "no feature-server answers");
+                }
+                tracing::debug!(%why, "feature-server Info failed; retrying");
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                wait
+            }
+        };
+        drop(client);
+        tokio::time::sleep(interval).await;
+    }
+}
+
 impl EmbeddingSource for FeatureClient {
     fn info(&self) -> watch::Receiver<Option<Arc<ModelInfo>>> {
         self.info.subscribe()
     }
 
-    fn embed(&self, items: Vec<(String, Vec<u8>)>) -> BoxFuture<'_, Result<Vec<ItemResult>>> {
+    fn reachable(&self) -> watch::Receiver<bool> {
+        self.reachable.subscribe()
+    }
+
+    fn embed(
+        &self,
+        items: Vec<(String, Bytes)>,
+        deadline: Instant,
+    ) -> BoxFuture<'_, Result<Vec<ItemResult>>> {
         Box::pin(async move {
             if items.is_empty() {
                 return Ok(Vec::new());
             }
-            let mut last = None;
-            for attempt in 0..2 {
-                match self.embed_once(&items).await {
-                    Ok(r) => return Ok(r),
-                    Err(s) if s.code() == tonic::Code::Unavailable && attempt == 0 => {
+            let mut out: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
+            // Indices (into `items`) still to embed: all at first, then those the server
+            // was too busy for.
+            let mut todo: Vec<usize> = (0..items.len()).collect();
+            let mut backoff = BACKOFF_START;
+            let mut unavailable_retried = false;
+            let mut busy_retries = 0u32;
+            loop {
+                let batch: Vec<(String, Bytes)> = todo.iter().map(|&i| items[i].clone()).collect();
+                match self.embed_once(&batch, deadline).await {
+                    Ok(results) => {
+                        let mut again = Vec::new();
+                        for (&i, r) in todo.iter().zip(results) {
+                            match r {
+                                Err(Error::Item { code, .. })
+                                    if code == tonic::Code::ResourceExhausted as i32
+                                        && Instant::now() + backoff < deadline =>
+                                {
+                                    again.push(i);
+                                }
+                                r => out[i] = Some(r),
+                            }
+                        }
+                        if again.is_empty() {
+                            break;
+                        }
+                        todo = again;
+                    }
+                    Err(s)
+                        if s.code() == tonic::Code::ResourceExhausted
+                            && Instant::now() + backoff < deadline => {}
+                    Err(s) if s.code() == tonic::Code::Unavailable && !unavailable_retried => {
                         tracing::debug!(status = %s, "feature-server unavailable; retrying once");
-                        last = Some(s);
+                        unavailable_retried = true;
+                        continue;
                     }
-                    Err(s) => {
-                        last = Some(s);
-                        break;
-                    }
+                    Err(s) => return Err(call_error(&s, busy_retries)),
                 }
+                busy_retries += 1;
+                tracing::debug!(
+                    items = todo.len(),
+                    retry = busy_retries,
+                    backoff_ms = backoff.as_millis() as u64,
+                    "feature-server busy; backing off"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            let s = last.unwrap_or_else(|| tonic::Status::unavailable("no answer"));
-            Err(Error::Unavailable(format!("{}: {}", s.code(), s.message())))
+            Ok(out
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(Error::Unavailable("no result".into()))))
+                .collect())
         })
+    }
+}
+
+/// What a failed call means to our caller: a busy server that stayed busy until the deadline
+/// is RESOURCE_EXHAUSTED (retry later), a deadline is a deadline, the rest is UNAVAILABLE.
+fn call_error(s: &tonic::Status, busy_retries: u32) -> Error {
+    match s.code() {
+        tonic::Code::ResourceExhausted => Error::Busy(format!(
+            "the feature-server stayed busy through {busy_retries} retries until the deadline: {}",
+            s.message()
+        )),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            Error::DeadlineExceeded(format!("feature-server: {}", s.message()))
+        }
+        _ => Error::Unavailable(format!("{}: {}", s.code(), s.message())),
     }
 }

@@ -7,6 +7,7 @@
 //! - [`tenants`]: each tenant's live taxonomy and heads, swapped atomically;
 //! - [`trainer`]: one training job per tenant at a time, later requests coalesced;
 //! - [`features`]: the feature-server client (the only source of embeddings);
+//! - [`inflight`]: one budget for image bytes in flight, across all callers;
 //! - [`store`]: the durable state in redb; [`heads`]: the models; [`decision`]: the rules.
 //!
 //! Everything below `service` knows nothing of tonic.
@@ -16,6 +17,7 @@ pub mod decision;
 pub mod error;
 pub mod features;
 pub mod heads;
+pub mod inflight;
 pub mod server;
 pub mod service;
 pub mod store;

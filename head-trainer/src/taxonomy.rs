@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use unicode_normalization::UnicodeNormalization;
+
 /// One class of a tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClassEntry {
@@ -81,9 +83,13 @@ impl Taxonomy {
     }
 }
 
-/// Checks a class name: not empty, at most [`MAX_CLASS_NAME_BYTES`], no control characters, no
-/// surrounding whitespace (which would make two classes look identical in a listing).
-pub fn validate_class_name(name: &str) -> crate::Result<()> {
+/// A class name as the store keeps it: Unicode NFC, so that "é" typed as one code point and
+/// as "e" + combining accent are one class, not two that look the same. Refused: empty, over
+/// [`MAX_CLASS_NAME_BYTES`], control characters, invisible or bidirectional formatting
+/// characters (U+200B zero width space, U+202E right-to-left override, U+FEFF, ...: they make
+/// two different names look identical, or a name display as another), and surrounding
+/// whitespace.
+pub fn class_name(name: &str) -> crate::Result<String> {
     let bad = |why| {
         Err(crate::Error::InvalidClassName {
             name: truncate(name, 64),
@@ -99,10 +105,33 @@ pub fn validate_class_name(name: &str) -> crate::Result<()> {
     if name.chars().any(char::is_control) {
         return bad("contains control characters");
     }
+    if name.chars().any(is_invisible_format) {
+        return bad("contains invisible or bidirectional formatting characters");
+    }
     if name.trim() != name {
         return bad("leading or trailing whitespace");
     }
-    Ok(())
+    let nfc: String = name.nfc().collect();
+    if nfc.len() > MAX_CLASS_NAME_BYTES {
+        return bad("longer than 128 bytes");
+    }
+    Ok(nfc)
+}
+
+/// Format characters (Unicode category Cf) and other invisibles that can make two names look
+/// the same: zero-width spaces and joiners, bidirectional marks, embeddings, overrides and
+/// isolates, word joiners and invisible operators, the byte order mark, the soft hyphen,
+/// interlinear annotations, tag characters and variation selectors.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}'
+        | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// Longest class name accepted, in UTF-8 bytes.
@@ -111,4 +140,49 @@ pub const MAX_CLASS_NAME_BYTES: usize = 128;
 fn truncate(s: &str, max_chars: usize) -> String {
     let t: String = s.chars().take(max_chars).collect();
     if t.len() < s.len() { t + "…" } else { t }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_nfc_so_lookalikes_are_one_class() {
+        let composed = class_name("caf\u{e9}").unwrap();
+        let decomposed = class_name("cafe\u{301}").unwrap();
+        assert_eq!(composed, decomposed);
+        assert_eq!(composed, "caf\u{e9}");
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_are_refused() {
+        for bad in [
+            "my\u{200B}mug",
+            "\u{FEFF}mug",
+            "mug\u{202E}gum",
+            "a\u{2066}b",
+            "soft\u{AD}hyphen",
+            "tab\there",
+            " padded",
+            "",
+        ] {
+            let err = class_name(bad).unwrap_err();
+            assert!(
+                matches!(err, crate::Error::InvalidClassName { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        assert_eq!(class_name("my mug").unwrap(), "my mug");
+        assert_eq!(
+            class_name("Kaffeebecher \u{2615}").unwrap(),
+            "Kaffeebecher \u{2615}"
+        );
+    }
+
+    #[test]
+    fn errors_quote_a_long_name_shortened() {
+        let long = "x".repeat(5000);
+        let err = class_name(&long).unwrap_err().to_string();
+        assert!(err.len() < 300, "{err}");
+    }
 }

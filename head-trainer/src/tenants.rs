@@ -160,7 +160,10 @@ impl Tenants {
 
     /// Tenants now in memory.
     pub fn loaded(&self) -> usize {
-        self.map.lock().unwrap().len()
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     fn touch(&self, t: &Tenant) {
@@ -198,7 +201,12 @@ impl Tenants {
     /// The tenant, loading its taxonomy, prototype and stored heads on first use. The bool is
     /// true when it was loaded now (the caller may want to schedule training).
     pub async fn get(&self, name: &str, model: &str) -> Result<(Arc<Tenant>, bool)> {
-        if let Some(t) = self.map.lock().unwrap().get(name) {
+        if let Some(t) = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+        {
             self.touch(t);
             return Ok((Arc::clone(t), false));
         }
@@ -225,7 +233,10 @@ impl Tenants {
         })
         .await
         .map_err(|e| Error::Store(format!("loading tenant: {e}")))??;
-        let mut map = self.map.lock().unwrap();
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(t) = map.get(name) {
             self.touch(t);
             return Ok((Arc::clone(t), false)); // loaded concurrently

@@ -5,7 +5,9 @@
 //! give one more job (trained on all ten), not ten. A job reads a snapshot of the examples,
 //! trains on the blocking pool (tensor code must not stall the reactor), saves the head in one
 //! transaction (so a crash or shutdown mid-job persists nothing half-done) and only then
-//! publishes it. The Train RPC runs through the same per-tenant lock.
+//! publishes it. The Train RPC runs through the same per-tenant lock. At most
+//! `max_jobs` jobs train at once across all tenants (a semaphore): each takes a core while it
+//! runs, and a burst of tenants enrolling must not take every core from classification.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,16 +27,23 @@ pub struct Trainer {
     default_kind: HeadKind,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    jobs: tokio::sync::Semaphore,
 }
 
 impl Trainer {
-    pub fn new(store: Arc<Store>, opts: TrainOptions, default_kind: HeadKind) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        opts: TrainOptions,
+        default_kind: HeadKind,
+        max_jobs: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             opts,
             default_kind,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            jobs: tokio::sync::Semaphore::new(max_jobs.max(1)),
         })
     }
 
@@ -44,7 +53,10 @@ impl Trainer {
             return;
         }
         {
-            let mut job = tenant.job.lock().unwrap();
+            let mut job = tenant
+                .job
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if job.0 {
                 job.1 = true; // coalesced into the next job
                 return;
@@ -63,7 +75,10 @@ impl Trainer {
                     let revision = tenant.current().taxonomy.revision;
                     tenant.publish_failure(revision, e.to_string());
                 }
-                let mut job = tenant.job.lock().unwrap();
+                let mut job = tenant
+                    .job
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if job.1 && !this.shutdown.is_cancelled() {
                     job.1 = false;
                 } else {
@@ -83,6 +98,7 @@ impl Trainer {
         kind: HeadKind,
     ) -> Result<Arc<Head>> {
         let _one_at_a_time = tenant.train_lock.lock().await;
+        let _a_core = self.jobs.acquire().await.map_err(|_| Error::ShuttingDown)?;
         let previous = tenant.current().trained.get(&kind).cloned();
         let (store, opts) = (Arc::clone(&self.store), self.opts.clone());
         let (name, model) = (tenant.name.clone(), model.to_string());

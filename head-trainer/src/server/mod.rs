@@ -1,19 +1,35 @@
 //! Wiring and lifecycle: store, feature-server client, trainer, service, health, reflection,
 //! and a graceful shutdown.
 //!
-//! Health starts NOT_SERVING and turns SERVING once a feature-server has told us the model
-//! identity (without it nothing can be enrolled or classified). On shutdown the server stops
-//! accepting, lets in-flight requests finish, then lets a running training job finish (a job
-//! saves a whole head in one transaction or nothing) before the store is closed.
+//! Health, for orchestrators (grpc.health.v1):
+//! - `""` (liveness): SERVING while the process works (the store is open and requests are
+//!   served); NOT_SERVING once it drains on shutdown. Restart the process when it fails.
+//! - `taxon.v1.Classifier` (readiness): SERVING while a feature-server answers (the probe of
+//!   `features`, every `--probe-interval-s`) and the model identity is known; NOT_SERVING when
+//!   none answers (classes can still be listed, renamed and removed, but not enrolled or
+//!   classified) and while draining. Route traffic by it; do not restart on it.
+//!
+//! On shutdown: both statuses turn NOT_SERVING, the server stops accepting, and requests in
+//! flight get `shutdown_grace` to finish; then streams still open (an idle Enroll, a slow
+//! ClassifyStream) are cut with UNAVAILABLE, so an idle client cannot hold a SIGTERM off.
+//! Nothing acknowledged is lost by the cut: an enroll writes its class in one transaction at
+//! its very end, or not at all. A running training job then gets the same grace to save its
+//! head (a whole head in one transaction, or nothing) before the store is closed.
+
+mod severable;
 
 use std::future::Future;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use taxon_proto::v1::classifier_server::ClassifierServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::config::Config;
 use crate::features::{EmbeddingSource, FeatureClient, Timeouts};
@@ -22,6 +38,8 @@ use crate::store::Store;
 use crate::tenants::Tenants;
 use crate::trainer::Trainer;
 use crate::{Error, Result};
+use futures::StreamExt;
+use severable::Severable;
 
 /// Serves `taxon.v1.Classifier` on `listener` until `shutdown` completes, with embeddings
 /// from the feature-servers of `config.features_urls`.
@@ -30,14 +48,15 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let max_message = config.max_photo_bytes + (1 << 20);
+    config.validate()?;
     let features = FeatureClient::connect(
         &config.features_urls,
         Timeouts {
             connect: config.connect_timeout,
             request: config.request_timeout,
+            probe: config.probe_interval,
         },
-        max_message.max(64 << 20),
+        (config.max_photo_bytes + (1 << 20)).max(64 << 20),
         config.views,
     )?;
     run_with_source(listener, config, features, shutdown).await
@@ -50,6 +69,7 @@ pub async fn run_with_source(
     features: Arc<dyn EmbeddingSource>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    config.validate()?;
     let auth = match &config.tokens_file {
         Some(path) => Auth::from_file(path)?,
         None => Auth::open(),
@@ -77,6 +97,7 @@ pub async fn run_with_source(
         Arc::clone(&store),
         config.train.clone(),
         config.default_head,
+        config.max_training_jobs,
     );
     let tenants = Tenants::new(
         Arc::clone(&store),
@@ -84,61 +105,148 @@ pub async fn run_with_source(
         config.max_loaded_tenants,
     );
     let grace = config.shutdown_grace;
-    let max_message = config.max_photo_bytes + (1 << 20);
+    // A photo up to twice the limit is still read, so that it is refused as one item (the
+    // rest of its stream goes on); a larger message ends its stream with the limit named.
+    let max_message = 2 * config.max_photo_bytes + (1 << 20);
+    let cut = CancellationToken::new();
     let ctx = Arc::new(Ctx::new(
         config,
         tenants,
         Arc::clone(&trainer),
         Arc::clone(&features),
         auth,
+        cut.clone(),
     ));
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
-        .set_not_serving::<ClassifierServer<ClassifierService>>()
+        .set_service_status("", ServingStatus::Serving)
         .await;
     reporter
-        .set_service_status("", ServingStatus::NotServing)
+        .set_not_serving::<ClassifierServer<ClassifierService>>()
         .await;
-    let mut info = features.info();
-    let health_task = tokio::spawn(async move {
-        if info.wait_for(Option::is_some).await.is_ok() {
-            reporter
-                .set_serving::<ClassifierServer<ClassifierService>>()
-                .await;
-            reporter
-                .set_service_status("", ServingStatus::Serving)
-                .await;
-        }
-    });
+    let draining = CancellationToken::new();
+    let mut health_task = tokio::spawn(readiness(
+        reporter.clone(),
+        Arc::clone(&features),
+        draining.clone(),
+    ));
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(taxon_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Only what this server implements: the descriptor set also describes `Features`.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(taxon_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("taxon.v1.Classifier")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .map_err(|e| Error::InvalidArgument(format!("reflection: {e}")))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(taxon_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::InvalidArgument(format!("reflection: {e}")))?;
 
     let service = ClassifierServer::new(ClassifierService::new(Arc::clone(&ctx)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let served = Server::builder()
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+    let stop_accepting = draining.clone();
+    let sever = CancellationToken::new();
+    let cuttable = sever.clone();
+    let incoming = TcpListenerStream::new(listener)
+        .map(move |conn| conn.map(|c| Severable::new(c, &cuttable)));
+    let mut served = tokio::spawn(
+        Server::builder()
+            .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop_accepting.cancelled_owned()),
+    );
+    let early = tokio::select! {
+        r = &mut served => Some(r),
+        () = shutdown => None,
+    };
+    let served = match early {
+        Some(r) => r,
+        None => {
+            tracing::info!(
+                grace_s = grace.as_secs_f64(),
+                "shutting down: draining requests in flight"
+            );
+            draining.cancel();
+            health_task.abort();
+            let _ = (&mut health_task).await; // no readiness update may land after ours
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            reporter
+                .set_not_serving::<ClassifierServer<ClassifierService>>()
+                .await;
+            drain(&mut served, grace, &cut, &sever).await
+        }
+    };
     health_task.abort();
-    tracing::info!("no longer accepting; waiting for training jobs");
+    tracing::info!("no longer serving; waiting for training jobs");
     trainer.shutdown(grace).await;
     drop(ctx);
-    served.map_err(|e| Error::Unavailable(format!("server: {e}")))?;
+    served
+        .map_err(|e| Error::Unavailable(format!("server task: {e}")))?
+        .map_err(|e| Error::Unavailable(format!("server: {e}")))?;
     tracing::info!("head-trainer stopped");
     Ok(())
+}
+
+/// Waits `grace` for requests in flight to finish, then cuts the requests still running
+/// (they end with UNAVAILABLE) and gives them a second to say so, then severs the connections
+/// still open (a health `Watch`, a client that never closes its stream).
+async fn drain<T>(
+    served: &mut tokio::task::JoinHandle<T>,
+    grace: Duration,
+    cut: &CancellationToken,
+    sever: &CancellationToken,
+) -> std::result::Result<T, tokio::task::JoinError> {
+    if let Ok(r) = tokio::time::timeout(grace, &mut *served).await {
+        return r;
+    }
+    tracing::warn!("grace period over: cutting the requests still running");
+    cut.cancel();
+    if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), &mut *served).await {
+        return r;
+    }
+    tracing::warn!("closing the connections still open");
+    sever.cancel();
+    (&mut *served).await
+}
+
+/// Keeps `taxon.v1.Classifier` SERVING exactly while a feature-server answers and the model
+/// identity is known, until the server drains.
+async fn readiness(
+    reporter: HealthReporter,
+    features: Arc<dyn EmbeddingSource>,
+    draining: CancellationToken,
+) {
+    let mut info = features.info();
+    let mut reachable = features.reachable();
+    loop {
+        if draining.is_cancelled() {
+            return;
+        }
+        let ready = info.borrow_and_update().is_some() && *reachable.borrow_and_update();
+        if ready {
+            reporter
+                .set_serving::<ClassifierServer<ClassifierService>>()
+                .await;
+        } else {
+            reporter
+                .set_not_serving::<ClassifierServer<ClassifierService>>()
+                .await;
+        }
+        tokio::select! {
+            r = info.changed() => if r.is_err() { return },
+            r = reachable.changed() => if r.is_err() { return },
+            () = draining.cancelled() => return,
+        }
+    }
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
+use prost::bytes::Bytes;
 use taxon_proto::v1::{
     ClassScore, ClassifyRequest, ClassifyResponse, ClassifyStreamRequest, ClassifyStreamResponse,
     Decision as WireDecision, ItemError, ModelInfo, classify_stream_response,
@@ -26,8 +26,9 @@ const STREAM_CONCURRENCY: usize = 8;
 
 pub async fn classify(ctx: &Arc<Ctx>, req: Request<ClassifyRequest>) -> Result<ClassifyResponse> {
     let (tenant, info) = ctx.tenant(req.metadata()).await?;
+    let deadline = ctx.deadline(req.metadata());
     let r = req.into_inner();
-    classify_image(ctx, &tenant, &info, r.image, r.top_k, &r.head).await
+    classify_image(ctx, &tenant, &info, r.image, r.top_k, &r.head, deadline).await
 }
 
 pub async fn classify_stream(
@@ -35,22 +36,27 @@ pub async fn classify_stream(
     req: Request<Streaming<ClassifyStreamRequest>>,
 ) -> Result<ClassifyStream> {
     let (tenant, info) = ctx.tenant(req.metadata()).await?;
+    // A stream may run for hours: each item gets our deadline from when it arrives, bounded
+    // by the caller's deadline for the whole stream.
+    let caller = super::caller_deadline(req.metadata());
     let input = req.into_inner();
     let out = input
         .map(move |item| {
             let (ctx, tenant, info) = (Arc::clone(&ctx), Arc::clone(&tenant), Arc::clone(&info));
             async move {
                 let item = item?;
-                let result =
-                    match classify_image(&ctx, &tenant, &info, item.image, item.top_k, &item.head)
-                        .await
-                    {
-                        Ok(c) => classify_stream_response::Result::Classification(c),
-                        Err(e) => classify_stream_response::Result::Error(ItemError {
-                            code: e.code() as i32,
-                            message: e.to_string(),
-                        }),
-                    };
+                let deadline = ctx.deadline_within(caller);
+                let result = match classify_image(
+                    &ctx, &tenant, &info, item.image, item.top_k, &item.head, deadline,
+                )
+                .await
+                {
+                    Ok(c) => classify_stream_response::Result::Classification(c),
+                    Err(e) => classify_stream_response::Result::Error(ItemError {
+                        code: e.code() as i32,
+                        message: e.to_string(),
+                    }),
+                };
                 Ok(ClassifyStreamResponse {
                     id: item.id,
                     result: Some(result),
@@ -66,9 +72,10 @@ pub async fn classify_image(
     ctx: &Ctx,
     tenant: &Tenant,
     info: &ModelInfo,
-    image: Vec<u8>,
+    image: Bytes,
     top_k: u32,
     head: &str,
+    deadline: tokio::time::Instant,
 ) -> Result<ClassifyResponse> {
     let kind = Ctx::head_kind(head)?;
     let set = tenant.current();
@@ -92,18 +99,24 @@ pub async fn classify_image(
             .ok_or_else(|| Error::NoClasses(tenant.name.clone()))?,
         Some(k) => set.head(k)?,
     };
-    let embedding = embedding_of(ctx, &tenant.name, &info.model, image).await?;
-    let pred = head.predict(&info.model, &embedding)?;
-    let similarity = match pred.similarity {
-        Some(s) => s,
-        None => match &set.prototype {
-            Some(p) => p
-                .predict(&info.model, &embedding)?
-                .similarity
-                .unwrap_or(1.0),
-            None => 1.0,
-        },
+    let embedding = {
+        let _bytes = ctx.budget.reserve(image.len(), deadline).await?;
+        embedding_of(ctx, &tenant.name, &info.model, image, deadline).await?
     };
+    // Head inference on the blocking pool: a hierarchical head over many classes is
+    // milliseconds of tensor code that must not stall the runtime threads.
+    let (h, prototype, model) = (Arc::clone(&head), set.prototype.clone(), info.model.clone());
+    let (pred, similarity) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let pred = h.predict(&model, &embedding)?;
+        let similarity = match (pred.similarity, &prototype) {
+            (Some(s), _) => s,
+            (None, Some(p)) => p.predict(&model, &embedding)?.similarity.unwrap_or(1.0),
+            (None, None) => 1.0,
+        };
+        Ok((pred, similarity))
+    })
+    .await
+    .map_err(|e| Error::Model(candle_core::Error::Msg(format!("head task: {e}"))))??;
     let tax = &set.taxonomy;
     // Mask classes removed since the head was trained, renormalise the rest.
     let mut scored: Vec<Scored> = head
@@ -180,10 +193,16 @@ async fn embedding_of(
     ctx: &Ctx,
     tenant: &str,
     model: &str,
-    image: Vec<u8>,
+    image: Bytes,
+    deadline: tokio::time::Instant,
 ) -> Result<Arc<Vec<f32>>> {
-    let hash: [u8; 32] = Sha256::digest(&image).into();
-    if let Some(v) = ctx.cache.lock().unwrap().get(tenant, model, &hash) {
+    let hash = super::enroll::hash_of(image.clone()).await?;
+    let cached = ctx
+        .cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(tenant, model, &hash);
+    if let Some(v) = cached {
         return Ok(v);
     }
     let store = Arc::clone(ctx.tenants.store());
@@ -194,7 +213,10 @@ async fn embedding_of(
     let v = match stored {
         Some(v) => Arc::new(v),
         None => {
-            let mut r = ctx.features.embed(vec![(String::new(), image)]).await?;
+            let mut r = ctx
+                .features
+                .embed(vec![(String::new(), image)], deadline)
+                .await?;
             Arc::new(
                 r.pop()
                     .ok_or_else(|| Error::Unavailable("empty answer".into()))??,
@@ -203,7 +225,7 @@ async fn embedding_of(
     };
     ctx.cache
         .lock()
-        .unwrap()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .put(tenant, model, &hash, Arc::clone(&v));
     Ok(v)
 }

@@ -5,23 +5,40 @@
 //! created in one transaction at the very end. If the feature-servers are down the call fails
 //! before anything is written; if the process dies before the commit, nothing was
 //! acknowledged. Embedding in chunks as the photos arrive bounds memory to one chunk of
-//! photos, whatever the size of the enroll.
+//! photos, whatever the size of the enroll; every photo also holds its share of the
+//! server-wide in-flight budget until it is embedded (see `inflight`), and an enroll that has
+//! to wait for room first sends what it holds, so that no two enrolls wait on each other.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use taxon_proto::v1::{EnrollRequest, EnrollResponse, ModelInfo, RejectedPhoto, enroll_request};
+use tokio::time::Instant as Deadline;
 use tonic::{Request, Streaming};
 
 use super::Ctx;
+use crate::inflight::Reservation;
 use crate::store::{EnrollWrite, Hash};
-use crate::taxonomy::validate_class_name;
+use crate::taxonomy::class_name;
 use crate::{Error, Result};
 
 /// Photos sent to the feature-server per Embed call while the stream is still arriving.
 const CHUNK_PHOTOS: usize = 32;
+/// ... or fewer, once they add up to this many bytes: one enroll of large photos must not
+/// take the whole in-flight budget before it sends any.
+const CHUNK_BYTES: usize = 64 << 20;
+
+/// A photo read from the stream, not yet embedded.
+struct Pending {
+    id: String,
+    image: Bytes,
+    hash: Hash,
+    /// Its share of the in-flight budget, given back once it is embedded (or dropped).
+    _reservation: Reservation,
+}
 
 /// What the photos of one enroll became.
 #[derive(Default)]
@@ -49,6 +66,7 @@ pub async fn enroll(
     req: Request<Streaming<EnrollRequest>>,
 ) -> Result<EnrollResponse> {
     let tenant_name = ctx.auth.tenant(req.metadata())?;
+    let deadline = ctx.deadline(req.metadata());
     let mut stream = req.into_inner();
     let start = match stream.message().await.map_err(status_err)? {
         None => return Err(Error::EmptyStream),
@@ -61,21 +79,23 @@ pub async fn enroll(
             ));
         }
     };
-    validate_class_name(&start.class_name)?;
+    let mut start = start;
+    start.class_name = class_name(&start.class_name)?;
+    if !start.parent.is_empty() {
+        start.parent = class_name(&start.parent)?;
+    }
     let parent = (!start.parent.is_empty()).then_some(start.parent.as_str());
-    if let Some(p) = parent {
-        validate_class_name(p)?;
-        if p == start.class_name {
-            return Err(Error::InvalidArgument(
-                "a class cannot be its own parent".into(),
-            ));
-        }
+    if parent == Some(start.class_name.as_str()) {
+        return Err(Error::InvalidArgument(
+            "a class cannot be its own parent".into(),
+        ));
     }
     // Fail fast, before reading photos, when no feature-server is known.
     let info = ctx.model()?;
     let limit = photo_limit(ctx, &info);
     let mut acc = Accepted::default();
-    let mut chunk: Vec<(String, Vec<u8>, Hash)> = Vec::new();
+    let mut chunk: Vec<Pending> = Vec::new();
+    let mut chunk_bytes = 0usize;
     let mut photos = 0usize;
     while let Some(msg) = stream.message().await.map_err(status_err)? {
         let photo = match msg.item {
@@ -106,20 +126,32 @@ pub async fn enroll(
             acc.reject(photo.id, &e);
             continue;
         }
-        let hash: Hash = Sha256::digest(&photo.image).into();
-        chunk.push((photo.id, photo.image, hash));
-        if chunk.len() >= CHUNK_PHOTOS {
-            embed_chunk(
-                ctx,
-                &tenant_name,
-                &info.model,
-                std::mem::take(&mut chunk),
-                &mut acc,
-            )
-            .await?;
+        let bytes = photo.image.len();
+        let reservation = match ctx.budget.try_reserve(bytes)? {
+            Some(r) => r,
+            None => {
+                // Send what we hold before waiting, so that we wait holding nothing.
+                chunk_bytes = 0;
+                let held = std::mem::take(&mut chunk);
+                embed_chunk(ctx, &tenant_name, &info.model, held, deadline, &mut acc).await?;
+                ctx.budget.reserve(bytes, deadline).await?
+            }
+        };
+        let hash = hash_of(photo.image.clone()).await?;
+        chunk.push(Pending {
+            id: photo.id,
+            image: photo.image,
+            hash,
+            _reservation: reservation,
+        });
+        chunk_bytes += bytes;
+        if chunk.len() >= CHUNK_PHOTOS || chunk_bytes >= CHUNK_BYTES {
+            chunk_bytes = 0;
+            let full = std::mem::take(&mut chunk);
+            embed_chunk(ctx, &tenant_name, &info.model, full, deadline, &mut acc).await?;
         }
     }
-    embed_chunk(ctx, &tenant_name, &info.model, chunk, &mut acc).await?;
+    embed_chunk(ctx, &tenant_name, &info.model, chunk, deadline, &mut acc).await?;
     let last_photo = Instant::now();
     if photos == 0 {
         return Err(Error::EmptyStream);
@@ -192,7 +224,8 @@ async fn embed_chunk(
     ctx: &Ctx,
     tenant: &str,
     model: &str,
-    chunk: Vec<(String, Vec<u8>, Hash)>,
+    chunk: Vec<Pending>,
+    deadline: Deadline,
     acc: &mut Accepted,
 ) -> Result<()> {
     if chunk.is_empty() {
@@ -200,7 +233,7 @@ async fn embed_chunk(
     }
     // Cache lookups: the same photo twice in one enroll, or sent in an earlier one.
     let store = Arc::clone(ctx.tenants.store());
-    let hashes: Vec<Hash> = chunk.iter().map(|c| c.2).collect();
+    let hashes: Vec<Hash> = chunk.iter().map(|c| c.hash).collect();
     let (t, m) = (tenant.to_string(), model.to_string());
     let known = tokio::task::spawn_blocking(move || -> Result<Vec<Option<Vec<f32>>>> {
         hashes.iter().map(|h| store.embedding(&t, h, &m)).collect()
@@ -208,7 +241,8 @@ async fn embed_chunk(
     .await
     .map_err(|e| Error::Store(format!("cache lookup: {e}")))??;
     let mut to_embed = Vec::new();
-    for ((id, image, hash), cached) in chunk.into_iter().zip(known) {
+    for (pending, cached) in chunk.into_iter().zip(known) {
+        let hash = pending.hash;
         if acc.index.contains_key(&hash) {
             acc.accepted += 1;
             acc.cached += 1;
@@ -217,36 +251,41 @@ async fn embed_chunk(
             acc.examples.push((hash, v));
             acc.accepted += 1;
             acc.cached += 1;
-        } else if to_embed
-            .iter()
-            .any(|(_, _, h): &(String, Vec<u8>, Hash)| *h == hash)
-        {
+        } else if to_embed.iter().any(|p: &Pending| p.hash == hash) {
             // The same photo twice in this chunk: embedded once, counted as cached.
             acc.accepted += 1;
             acc.cached += 1;
         } else {
-            to_embed.push((id, image, hash));
+            to_embed.push(pending);
         }
     }
     if to_embed.is_empty() {
         return Ok(());
     }
-    let items: Vec<(String, Vec<u8>)> = to_embed
+    let items: Vec<(String, Bytes)> = to_embed
         .iter()
-        .map(|(id, img, _)| (id.clone(), img.clone()))
+        .map(|p| (p.id.clone(), p.image.clone()))
         .collect();
-    let results = ctx.features.embed(items).await?;
-    for ((id, _, hash), r) in to_embed.into_iter().zip(results) {
+    let results = ctx.features.embed(items, deadline).await?;
+    for (p, r) in to_embed.into_iter().zip(results) {
         match r {
             Ok(v) => {
-                acc.index.insert(hash, acc.examples.len());
-                acc.examples.push((hash, v));
+                acc.index.insert(p.hash, acc.examples.len());
+                acc.examples.push((p.hash, v));
                 acc.accepted += 1;
             }
-            Err(e) => acc.reject(id, &e),
+            Err(e) => acc.reject(p.id, &e),
         }
     }
     Ok(())
+}
+
+/// The content hash of a photo, computed on the blocking pool: 16 MiB of SHA-256 is tens of
+/// milliseconds that must not stall the runtime threads serving every other request.
+pub(super) async fn hash_of(image: Bytes) -> Result<Hash> {
+    tokio::task::spawn_blocking(move || Sha256::digest(&image).into())
+        .await
+        .map_err(|e| Error::Store(format!("hash task: {e}")))
 }
 
 /// With `--share-embedding-cache`, a photo another tenant classified recently is not embedded

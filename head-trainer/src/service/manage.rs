@@ -11,7 +11,7 @@ use taxon_proto::v1::{
 use tonic::Request;
 
 use super::Ctx;
-use crate::taxonomy::{Taxonomy, validate_class_name};
+use crate::taxonomy::{Taxonomy, class_name};
 use crate::tenants::Tenant;
 use crate::{Error, Result};
 
@@ -79,8 +79,8 @@ pub async fn remove(
     req: Request<RemoveClassRequest>,
 ) -> Result<RemoveClassResponse> {
     let (name, loaded) = loaded_tenant(ctx, req.metadata()).await?;
-    let r = req.into_inner();
-    validate_class_name(&r.name)?;
+    let mut r = req.into_inner();
+    r.name = class_name(&r.name)?;
     let store = Arc::clone(ctx.tenants.store());
     let tenant_name = name.clone();
     let outcome =
@@ -107,9 +107,9 @@ pub async fn rename(
     req: Request<RenameClassRequest>,
 ) -> Result<RenameClassResponse> {
     let (name, loaded) = loaded_tenant(ctx, req.metadata()).await?;
-    let r = req.into_inner();
-    validate_class_name(&r.name)?;
-    validate_class_name(&r.new_name)?;
+    let mut r = req.into_inner();
+    r.name = class_name(&r.name)?;
+    r.new_name = class_name(&r.new_name)?;
     let store = Arc::clone(ctx.tenants.store());
     let tenant_name = name.clone();
     let (old, new) = (r.name.clone(), r.new_name.clone());

@@ -7,17 +7,20 @@ mod classify;
 mod enroll;
 mod manage;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use taxon_proto::v1::classifier_server::Classifier;
 use taxon_proto::v1::*;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Config;
 use crate::features::EmbeddingSource;
 use crate::heads::HeadKind;
+use crate::inflight::InflightBudget;
 use crate::tenants::{Tenant, Tenants};
 use crate::trainer::Trainer;
 use crate::{Error, Result};
@@ -31,6 +34,11 @@ pub struct Ctx {
     pub trainer: Arc<Trainer>,
     pub features: Arc<dyn EmbeddingSource>,
     pub auth: Auth,
+    /// Image bytes in flight across every request.
+    pub budget: InflightBudget,
+    /// Cancelled when shutdown's grace period is over: requests still running end with
+    /// UNAVAILABLE (see `server`).
+    pub cut: CancellationToken,
     cache: Mutex<EmbeddingLru>,
 }
 
@@ -41,19 +49,36 @@ impl Ctx {
         trainer: Arc<Trainer>,
         features: Arc<dyn EmbeddingSource>,
         auth: Auth,
+        cut: CancellationToken,
     ) -> Self {
         let cache = Mutex::new(EmbeddingLru::new(
             config.classify_cache_entries,
             config.share_embedding_cache,
         ));
+        let budget = InflightBudget::new(config.max_inflight_bytes);
         Self {
             config,
             tenants,
             trainer,
             features,
             auth,
+            budget,
+            cut,
             cache,
         }
+    }
+
+    /// When this request must be done: the caller's deadline (`grpc-timeout`) if it set one
+    /// shorter than ours, else `--request-timeout-s` from now. What remains of it is passed on
+    /// to the feature-server, and waits for the in-flight budget end there too.
+    pub fn deadline(&self, md: &tonic::metadata::MetadataMap) -> tokio::time::Instant {
+        self.deadline_within(caller_deadline(md))
+    }
+
+    /// Our deadline from now, or the caller's when that comes first.
+    pub fn deadline_within(&self, caller: Option<tokio::time::Instant>) -> tokio::time::Instant {
+        let ours = tokio::time::Instant::now() + self.config.request_timeout;
+        caller.map_or(ours, |c| c.min(ours))
     }
 
     /// The model identity, or UNAVAILABLE while no feature-server has answered `Info`.
@@ -108,6 +133,15 @@ impl Ctx {
     }
 }
 
+/// The caller's deadline (`grpc-timeout`), if it set one, a little early: a tenth of it, at
+/// most 100 ms, is kept back so that the caller hears why we gave up (the limit we waited
+/// on) before its own timer fires with a bare DEADLINE_EXCEEDED.
+pub fn caller_deadline(md: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+    let t = taxon_proto::grpc_timeout(md)?;
+    let margin = (t / 10).min(std::time::Duration::from_millis(100));
+    Some(tokio::time::Instant::now() + t - margin)
+}
+
 /// The tonic service.
 #[derive(Clone)]
 pub struct ClassifierService {
@@ -117,6 +151,14 @@ pub struct ClassifierService {
 impl ClassifierService {
     pub fn new(ctx: Arc<Ctx>) -> Self {
         Self { ctx }
+    }
+
+    /// Runs a request until it finishes or shutdown cuts it (after the grace period).
+    async fn cut_off<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T, Status> {
+        tokio::select! {
+            r = request => Ok(r?),
+            () = self.ctx.cut.cancelled() => Err(Error::ShuttingDown.into()),
+        }
     }
 }
 
@@ -128,14 +170,18 @@ impl Classifier for ClassifierService {
         &self,
         req: Request<Streaming<EnrollRequest>>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        Ok(Response::new(enroll::enroll(&self.ctx, req).await?))
+        self.cut_off(enroll::enroll(&self.ctx, req))
+            .await
+            .map(Response::new)
     }
 
     async fn classify(
         &self,
         req: Request<ClassifyRequest>,
     ) -> Result<Response<ClassifyResponse>, Status> {
-        Ok(Response::new(classify::classify(&self.ctx, req).await?))
+        self.cut_off(classify::classify(&self.ctx, req))
+            .await
+            .map(Response::new)
     }
 
     type ClassifyStreamStream = ClassifyStream;
@@ -144,33 +190,48 @@ impl Classifier for ClassifierService {
         &self,
         req: Request<Streaming<ClassifyStreamRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        Ok(Response::new(
-            classify::classify_stream(Arc::clone(&self.ctx), req).await?,
-        ))
+        let stream = classify::classify_stream(Arc::clone(&self.ctx), req).await?;
+        // Shutdown's cut ends the stream (its client sees UNAVAILABLE) instead of waiting for
+        // a client that may never close it.
+        let cut = self.ctx.cut.clone();
+        let was_cut = cut.clone();
+        let ended = futures::stream::once(async move { was_cut.is_cancelled() })
+            .filter_map(|cut| async move { cut.then(|| Err(Status::from(Error::ShuttingDown))) });
+        Ok(Response::new(Box::pin(
+            stream.take_until(cut.cancelled_owned()).chain(ended),
+        )))
     }
 
     async fn list_classes(
         &self,
         req: Request<ListClassesRequest>,
     ) -> Result<Response<ListClassesResponse>, Status> {
-        Ok(Response::new(manage::list(&self.ctx, req).await?))
+        self.cut_off(manage::list(&self.ctx, req))
+            .await
+            .map(Response::new)
     }
 
     async fn remove_class(
         &self,
         req: Request<RemoveClassRequest>,
     ) -> Result<Response<RemoveClassResponse>, Status> {
-        Ok(Response::new(manage::remove(&self.ctx, req).await?))
+        self.cut_off(manage::remove(&self.ctx, req))
+            .await
+            .map(Response::new)
     }
 
     async fn rename_class(
         &self,
         req: Request<RenameClassRequest>,
     ) -> Result<Response<RenameClassResponse>, Status> {
-        Ok(Response::new(manage::rename(&self.ctx, req).await?))
+        self.cut_off(manage::rename(&self.ctx, req))
+            .await
+            .map(Response::new)
     }
 
     async fn train(&self, req: Request<TrainRequest>) -> Result<Response<TrainResponse>, Status> {
-        Ok(Response::new(manage::train(&self.ctx, req).await?))
+        self.cut_off(manage::train(&self.ctx, req))
+            .await
+            .map(Response::new)
     }
 }
