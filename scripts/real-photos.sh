@@ -4,12 +4,18 @@
 #      PyTorch's 81.1 % breed / 99.2 % species (fails if more than 2 points lower);
 #   2. a short k-shot evaluation through both live services (pets, k = 5, 2 seeds), failing
 #      when the default head's child top-1 drops below 84 %.
-# Needs ../shared/datasets (seen from the repo root); says so and skips when it is absent.
+# Needs ../shared/datasets (seen from the repo root); without it, fails in CI (CI=true) and
+# says so and skips elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 datasets=${TAXON_DATASETS:-../shared/datasets}
 if [ ! -d "$datasets/pets" ]; then
+  # In CI missing inputs fail: a check that cannot run must not pass.
+  if [ "${CI:-}" = true ]; then
+    echo "FAILED real-photo checks: $datasets/pets not found (CI must have the photo sets)"
+    exit 1
+  fi
   echo "SKIPPED real-photo checks: $datasets/pets not found (the photo sets live beside the repo)"
   exit 0
 fi

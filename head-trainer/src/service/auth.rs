@@ -44,7 +44,13 @@ impl Auth {
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(token), Some(tenant), None) => {
                     validate_tenant(tenant)?;
-                    tokens.insert(digest(token), tenant.to_string());
+                    // A token listed twice would silently serve one of two tenants.
+                    if tokens.insert(digest(token), tenant.to_string()).is_some() {
+                        return Err(Error::InvalidArgument(format!(
+                            "tokens file line {}: this token is already listed on an earlier line",
+                            n + 1
+                        )));
+                    }
                 }
                 _ => {
                     return Err(Error::InvalidArgument(format!(
@@ -109,14 +115,42 @@ pub fn validate_tenant(t: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid tenant {t:?}: 1 to 64 of A-Z a-z 0-9 . _ -"
+            "invalid tenant {}: 1 to 64 of A-Z a-z 0-9 . _ -",
+            echo(t)
         )))
+    }
+}
+
+/// A caller's string as an error may quote it: at most 64 characters, so that an error never
+/// echoes kilobytes of a header back (into logs, or to the caller).
+pub fn echo(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_listed_twice_is_refused() {
+        let err = Auth::parse("s3cret acme\nother beta\ns3cret gamma\n").unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn errors_quote_at_most_64_characters_of_a_header() {
+        let huge = "x".repeat(10_000);
+        let err = Auth::open()
+            .tenant(&md(&[("x-tenant", huge.as_str())]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 200, "{} bytes: {err}", err.len());
+        assert!(err.contains("10000 bytes"), "{err}");
+    }
 
     fn md(pairs: &[(&'static str, &str)]) -> MetadataMap {
         let mut m = MetadataMap::new();

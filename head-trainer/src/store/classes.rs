@@ -39,7 +39,7 @@ pub struct RemoveOutcome {
 impl Store {
     /// Creates the class (and its parent) if needed and adds the examples, in one transaction.
     pub fn enroll(&self, tenant: &str, w: &EnrollWrite<'_>) -> Result<EnrollOutcome> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let outcome = {
             let taxonomy = read_taxonomy_w(&txn, tenant)?;
             let parent_id = match w.parent {
@@ -104,7 +104,7 @@ impl Store {
     /// Removes a class with its examples (and its children when `recursive`). Embeddings no
     /// other example of the tenant uses are dropped too: removal really forgets the photos.
     pub fn remove_class(&self, tenant: &str, name: &str, recursive: bool) -> Result<RemoveOutcome> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let outcome = {
             let taxonomy = read_taxonomy_w(&txn, tenant)?;
             let root = taxonomy
@@ -191,7 +191,7 @@ impl Store {
 
     /// Renames a class. Examples and heads refer to the id, so nothing else changes.
     pub fn rename_class(&self, tenant: &str, name: &str, new_name: &str) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut names = txn.open_table(CLASS_NAMES)?;
             let id = names

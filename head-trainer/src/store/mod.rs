@@ -39,11 +39,21 @@ pub struct Snapshot {
 impl Store {
     /// Opens (or creates) `dir/taxon.redb`. redb replays nothing: after a crash the file simply
     /// holds the last committed transaction.
+    ///
+    /// The folder is made 0700 and the file 0600: it holds every tenant's embeddings, from
+    /// which a photo's content can partly be recovered.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Store(format!("{}: {e}", dir.display())))?;
-        let db = Database::create(dir.join("taxon.redb"))?;
-        let txn = db.begin_write()?;
+        let path = dir.join("taxon.redb");
+        owner_only(dir, 0o700)?;
+        if !path.exists() {
+            // Created empty with the right mode first, so the file is never world-readable.
+            create_private(&path)?;
+        }
+        owner_only(&path, 0o600)?;
+        let db = Database::create(&path)?;
+        let txn = begin_write(&db)?;
         {
             let mut settings = txn.open_table(SETTINGS)?;
             let found = settings.get("schema_version")?.map(|v| v.value());
@@ -68,6 +78,11 @@ impl Store {
         }
         txn.commit()?;
         Ok(Self { db })
+    }
+
+    /// A write transaction that is on disk when `commit` returns (see [`begin_write`]).
+    pub(crate) fn write(&self) -> Result<redb::WriteTransaction> {
+        begin_write(&self.db)
     }
 
     /// The tenant's taxonomy and, when `model` is given, every example's embedding under it.
@@ -110,7 +125,7 @@ impl Store {
         kind: &str,
         encode: impl FnOnce(u64) -> Result<Vec<u8>>,
     ) -> Result<u64> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let version = bump(&txn, tenant, COUNTER_HEAD_SEQ)?;
         let bytes = encode(version)?;
         txn.open_table(HEADS)?
@@ -216,3 +231,42 @@ fn set_counter(txn: &WriteTransaction, tenant: &str, name: &str, value: u64) -> 
 
 #[cfg(test)]
 mod tests;
+
+/// Every write is `Durability::Immediate`, stated rather than left to redb's default: an
+/// acknowledged write must survive `kill -9` and a power cut, so commit returns only after
+/// the data and the new root are fsynced.
+fn begin_write(db: &Database) -> Result<redb::WriteTransaction> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(redb::Durability::Immediate)
+        .map_err(|e| Error::Store(format!("durability: {e}")))?;
+    Ok(txn)
+}
+
+#[cfg(unix)]
+fn owner_only(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::Store(format!("{}: {e}", path.display())))
+}
+
+#[cfg(not(unix))]
+fn owner_only(_path: &Path, _mode: u32) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(|e| Error::Store(format!("{}: {e}", path.display())))
+}
+
+#[cfg(not(unix))]
+fn create_private(_path: &Path) -> Result<()> {
+    Ok(())
+}
