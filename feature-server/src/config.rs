@@ -38,6 +38,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Images decoded and preprocessed at once (on tokio's blocking pool).
     pub decode_threads: usize,
+    /// Bytes of decoded pixels (and decoder working memory) held at once over every decode
+    /// thread: each image reserves what its header says decoding will take before a pixel is
+    /// allocated, and waits while others hold the budget; one that alone needs more fails.
+    pub decode_budget_bytes: u64,
 }
 
 impl Default for Config {
@@ -53,9 +57,18 @@ impl Default for Config {
             limits: Limits::default(),
             max_message_bytes: default_max_message_bytes(),
             decode_threads: default_decode_threads(),
+            decode_budget_bytes: DEFAULT_DECODE_BUDGET_BYTES,
         }
     }
 }
+
+/// 256 MiB of decoded images at once: a 40-megapixel RGB photo (120 MB) fits beside others;
+/// with a backbone's weights and batches, the process stays well under 1 GiB.
+pub const DEFAULT_DECODE_BUDGET_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The longest `--max-wait-ms` accepted: a batch waiting longer than this is a mistake, and
+/// far larger values would overflow the clock arithmetic.
+pub const MAX_WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 impl Config {
     /// Rejects settings that would make the server useless (a zero-sized batch or queue).
@@ -77,6 +90,24 @@ impl Config {
             return Err(Error::Config(format!(
                 "--queue-capacity must be at least {} (the views of one item wait together)",
                 crate::engine::MAX_VIEWS
+            )));
+        }
+        if self.max_wait > MAX_WAIT_LIMIT {
+            return Err(Error::Config(format!(
+                "--max-wait-ms must be at most {} (got {})",
+                MAX_WAIT_LIMIT.as_millis(),
+                self.max_wait.as_millis()
+            )));
+        }
+        // Reserved in KiB through a semaphore of u32 permits; and a budget smaller than what
+        // reading any header may take would refuse every image.
+        let budget_floor = 2 * crate::preprocess::METADATA_ALLOWANCE;
+        let budget_ceiling = u64::from(u32::MAX) * 1024;
+        if !(budget_floor..=budget_ceiling).contains(&self.decode_budget_bytes) {
+            return Err(Error::Config(format!(
+                "--decode-budget-bytes must be between {budget_floor} and {budget_ceiling} \
+                 (got {})",
+                self.decode_budget_bytes
             )));
         }
         if self.limits.max_pixels == 0 {
@@ -143,8 +174,10 @@ impl FromStr for DeviceChoice {
 /// `fetch-weights` subcommand parses without it; [`Args::into_config`] requires it.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "TAXON_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Address to listen on. Loopback by default, so that nothing outside this machine can
+    /// reach an unauthenticated server by accident; to serve other machines (or other
+    /// containers, as in docker compose), pass `--listen 0.0.0.0:50051`.
+    #[arg(long, env = "TAXON_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// The backbone architecture of the weights file.
     #[arg(long, env = "TAXON_BACKBONE", default_value = "resnet18",
@@ -182,6 +215,10 @@ pub struct Args {
     /// Images decoded at once.
     #[arg(long, env = "TAXON_DECODE_THREADS", default_value_t = default_decode_threads())]
     pub decode_threads: usize,
+    /// Bytes of decoded images held at once over all decode threads; an image whose header
+    /// says it alone needs more is refused with a per-item error.
+    #[arg(long, env = "TAXON_DECODE_BUDGET_BYTES", default_value_t = DEFAULT_DECODE_BUDGET_BYTES)]
+    pub decode_budget_bytes: u64,
 }
 
 impl Args {
@@ -208,6 +245,7 @@ impl Args {
             },
             max_message_bytes: self.max_message_bytes,
             decode_threads: self.decode_threads,
+            decode_budget_bytes: self.decode_budget_bytes,
         };
         config.validate()?;
         Ok((self.listen, config))
@@ -240,6 +278,39 @@ mod tests {
                 .to_string()
                 .contains("--max-batch")
         );
+    }
+
+    #[test]
+    fn settings_that_would_fail_later_are_refused_at_start() {
+        let long_wait = Config {
+            max_wait: Duration::from_millis(u64::MAX),
+            ..Config::default()
+        };
+        let message = long_wait.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("--max-wait-ms must be at most"),
+            "{message}"
+        );
+        for budget in [0, 1024, u64::MAX] {
+            let config = Config {
+                decode_budget_bytes: budget,
+                ..Config::default()
+            };
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains("--decode-budget-bytes"), "{message}");
+        }
+    }
+
+    #[test]
+    fn listens_on_loopback_unless_told_otherwise() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["feature-server", "--weights", "w"])
+            .expect("parses");
+        assert!(cli.args.listen.ip().is_loopback(), "{}", cli.args.listen);
     }
 
     #[test]

@@ -29,11 +29,16 @@ pub enum Error {
     UnsupportedFormat(String),
     #[error("cannot decode image: {0}")]
     Decode(String),
+    #[error(
+        "decoding this image needs {need} bytes of memory, over the decode budget of {limit} \
+         bytes shared by all images being decoded (--decode-budget-bytes)"
+    )]
+    DecodeBudget { need: u64, limit: u64 },
     #[error("unknown view set {0} (known: 0 = VIEW_SET_CENTER, 1 = VIEW_SET_SCALES_AND_MIRRORS)")]
     UnknownViewSet(i32),
 
     // --- capacity and lifecycle -----------------------------------------------------------
-    #[error("the batching queue is full ({capacity} items waiting); retry later")]
+    #[error("queue full: {capacity} images queued (--queue-capacity {capacity}); retry later")]
     QueueFull { capacity: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -71,6 +76,7 @@ impl Error {
             | Error::TooManyPixels { .. }
             | Error::UnsupportedFormat(_)
             | Error::Decode(_)
+            | Error::DecodeBudget { .. }
             | Error::UnknownViewSet(_) => Code::InvalidArgument,
             Error::QueueFull { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,

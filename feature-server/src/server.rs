@@ -5,7 +5,9 @@
 //! after the warm-up batch, health turns SERVING for `taxon.v1.Features` and `""`. When
 //! `shutdown` resolves: health turns NOT_SERVING, no new connections or streams are accepted,
 //! open streams stop reading and answer the items they hold, the engine drains its queue, and
-//! `run` returns.
+//! `run` returns. If the engine thread dies while serving, health turns NOT_SERVING at once,
+//! the server stops, and `run` returns the error (so `main` exits non-zero and an orchestrator
+//! restarts the process).
 
 use std::future::Future;
 
@@ -19,6 +21,9 @@ use crate::config::Config;
 use crate::engine::{Engine, Loader};
 use crate::error::{Error, Result};
 use crate::service::FeaturesService;
+
+/// How long open connections may take to finish after the engine died, before `run` returns.
+const DEATH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The gRPC service name health reports on.
 pub const SERVICE_NAME: &str = "taxon.v1.Features";
@@ -70,10 +75,15 @@ impl Server {
 
         let (reporter, health) = tonic_health::server::health_reporter();
         set_health(&reporter, ServingStatus::NotServing).await;
+        // The descriptor set holds every taxon service; advertise only those served here.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(taxon_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(SERVICE_NAME)
+                .with_service_name("grpc.health.v1.Health")
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         };
         let reflection_v1 = reflection()
             .build_v1()
@@ -124,6 +134,16 @@ impl Server {
                             return Err(Error::Internal("engine failed to start".into()));
                         }
                     }
+                }
+                reason = engine.failed(), if warmed && !stopping => {
+                    tracing::error!(error = %reason, "engine died: NOT_SERVING, stopping");
+                    set_health(&reporter, ServingStatus::NotServing).await;
+                    stop.cancel();
+                    // Open streams (a health watch never ends by itself) may not hold the exit
+                    // off for long: the process must go so that it can be restarted.
+                    let _ = tokio::time::timeout(DEATH_GRACE, &mut serving).await;
+                    let _ = engine.join().await;
+                    return Err(Error::Internal(format!("engine died: {reason}")));
                 }
                 () = &mut shutdown, if !stopping => {
                     stopping = true;

@@ -25,27 +25,36 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// Watches `service`'s health until it says SERVING; the watch goes on for later changes.
+async fn serving_watch(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    within("SERVING", async {
+        while let Some(update) = watch.message().await.expect("health update") {
+            if update.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before SERVING");
+    })
+    .await;
+    watch
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_serving_after_warm_up_and_reflection_lists_the_service() {
     let server = TestServer::stand_in(small_config()).await;
     let mut health = HealthClient::new(server.channel().await);
     for service in ["taxon.v1.Features", ""] {
-        let mut watch = health
-            .watch(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        within("SERVING", async {
-            while let Some(update) = watch.message().await.expect("health update") {
-                if update.status == ServingStatus::Serving as i32 {
-                    return;
-                }
-            }
-            panic!("health stream ended before SERVING");
-        })
-        .await;
+        serving_watch(&mut health, service).await;
     }
 
     use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -70,14 +79,18 @@ async fn health_turns_serving_after_warm_up_and_reflection_lists_the_service() {
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("not a service list: {response:?}");
     };
-    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"taxon.v1.Features".to_string()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
+    let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    // Only what this server implements: not the head-trainer's Classifier, which shares the
+    // descriptor set.
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "taxon.v1.Features",
+        ],
     );
     server.shutdown().await.expect("clean shutdown");
 }
@@ -341,7 +354,9 @@ async fn a_full_queue_refuses_new_streams_while_existing_ones_wait() {
     let status = refused.expect_err("a new stream is refused while the queue is full");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
-        status.message().contains("queue is full"),
+        status
+            .message()
+            .contains("queue full: 4 images queued (--queue-capacity 4); retry later"),
         "{}",
         status.message()
     );
@@ -412,5 +427,83 @@ async fn graceful_shutdown_answers_items_in_flight() {
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "still accepting after shutdown"
+    );
+}
+
+/// A stand-in whose forward passes after the warm-up panic with a payload that panics again
+/// when dropped: the batch's `catch_unwind` cannot contain it, as it could not contain a bug
+/// outside the paths that catch panics.
+struct DiesAfterWarmUp(std::sync::atomic::AtomicUsize);
+
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("a panic outside the caught paths");
+    }
+}
+
+impl feature_server::engine::Model for DiesAfterWarmUp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            x.mean((2, 3))
+        } else {
+            std::panic::panic_any(PanicsWhenDropped)
+        }
+    }
+
+    fn dim(&self) -> usize {
+        3
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_thread_death_turns_health_not_serving_and_run_fails() {
+    let server = TestServer::with_model(
+        small_config(),
+        Box::new(|_device: &Device| {
+            let model = DiesAfterWarmUp(std::sync::atomic::AtomicUsize::new(0));
+            Ok((
+                Box::new(model) as Box<dyn feature_server::engine::Model>,
+                STAND_IN_SHA.to_string(),
+            ))
+        }),
+    )
+    .await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = serving_watch(&mut health, "taxon.v1.Features").await;
+
+    let mut client = server.client().await;
+    let answers = embed_all(&mut client, vec![request("doomed", png(32, 32, 1))]).await;
+    let failed = match (answers.items.get("doomed"), &answers.end) {
+        (Some(Err(item)), _) => item.code != Code::Ok as i32,
+        (None, Some(_)) => true,
+        _ => false,
+    };
+    assert!(
+        failed,
+        "the item must fail: {:?} {:?}",
+        answers.items, answers.end
+    );
+
+    within("NOT_SERVING", async {
+        loop {
+            match watch.message().await {
+                Ok(Some(update)) if update.status == ServingStatus::NotServing as i32 => return,
+                Ok(Some(_)) => {}
+                // The server went away after saying so, or without: both end here.
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    drop((watch, health, client));
+    let result = server.shutdown().await;
+    let message = result
+        .expect_err("run must fail when the engine died")
+        .to_string();
+    assert!(
+        message.contains("engine died") && message.contains("panic"),
+        "{message}"
     );
 }

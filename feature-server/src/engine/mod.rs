@@ -5,18 +5,26 @@
 //!    (one per view; waits while all `queue_capacity` are taken, which is the backpressure
 //!    every stream feels);
 //! 2. it is decoded and preprocessed on tokio's blocking pool, at most `decode_threads` at
-//!    once, so neither the async runtime nor memory is at the mercy of large images;
+//!    once, so neither the async runtime nor memory is at the mercy of large images; before
+//!    decoding, it reserves what its header says decoding will take from one byte budget
+//!    shared by every decode thread (`decode_budget_bytes`), waiting while others hold it;
 //! 3. it goes over a bounded channel to the engine thread, which merges items from every
 //!    stream into batches and hands the slot back as it takes the item;
 //! 4. its embedding (or error) comes back through its own oneshot.
 //!
 //! Memory is bounded by construction: at most `queue_capacity` preprocessed images (views)
 //! wait, at most `max_batch` are in the model (plus the other views of its last item), and at
-//! most `decode_threads` images are being decoded.
+//! most `decode_threads` images are being decoded, holding at most `decode_budget_bytes`.
+//!
+//! If the engine thread dies (a panic outside the paths that catch one), its state turns
+//! [`State::Failed`]: the server reports NOT_SERVING and `run` returns the error, so the process
+//! exits non-zero and an orchestrator restarts it.
 
 mod batcher;
 mod stats;
 
+use prost::bytes::Bytes;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
@@ -70,6 +78,9 @@ struct Inner {
     /// `Embed` streams open.
     streams: Arc<watch::Sender<usize>>,
     decoders: Arc<Semaphore>,
+    /// Decoded bytes held over all decode threads, one permit per KiB.
+    budget: Arc<Semaphore>,
+    budget_bytes: u64,
     limits: Limits,
     state: watch::Receiver<State>,
     stats: Arc<Stats>,
@@ -138,8 +149,20 @@ impl Engine {
                             "model loaded and warmed up"
                         );
                         state_tx.send_replace(State::Ready(Arc::new(meta)));
-                        batcher.run(rx);
-                        Ok(())
+                        // The forward pass catches its own panics; one anywhere else in the
+                        // loop ends the thread, and that must be seen, not just logged.
+                        match catch_unwind(AssertUnwindSafe(|| batcher.run(rx))) {
+                            Ok(()) => Ok(()),
+                            Err(panic) => {
+                                let message = format!(
+                                    "the engine thread panicked: {}",
+                                    panic_message(&*panic)
+                                );
+                                tracing::error!(error = %message, "engine thread died");
+                                state_tx.send_replace(State::Failed(message.clone()));
+                                Err(Error::Internal(message))
+                            }
+                        }
                     }
                     Err(err) => {
                         tracing::error!(error = %err, "engine failed to start");
@@ -156,6 +179,8 @@ impl Engine {
                 depth: Arc::new(watch::Sender::new(0)),
                 streams: Arc::new(watch::Sender::new(0)),
                 decoders: Arc::new(Semaphore::new(config.decode_threads)),
+                budget: Arc::new(Semaphore::new(kib(config.decode_budget_bytes) as usize)),
+                budget_bytes: config.decode_budget_bytes,
                 limits: config.limits,
                 state,
                 stats,
@@ -186,15 +211,27 @@ impl Engine {
         self.inner.state.borrow().clone()
     }
 
+    /// Resolves with the reason once the engine has failed, at start or later (its thread
+    /// died); never resolves while it works.
+    pub async fn failed(&self) -> String {
+        let mut state = self.inner.state.clone();
+        let failed = state.wait_for(|s| matches!(s, State::Failed(_))).await;
+        match failed.as_deref() {
+            Ok(State::Failed(message)) => message.clone(),
+            Ok(_) => "the engine is in an unknown state".into(),
+            Err(_) => "the engine thread ended without a word".into(),
+        }
+    }
+
     /// Decodes, preprocesses and embeds one encoded image (the ImageNet center crop). Waits
     /// for a queue slot first.
-    pub async fn embed(&self, image: Vec<u8>) -> Result<Vec<f32>> {
-        self.embed_views(image, &[View::CENTER]).await
+    pub async fn embed(&self, image: impl Into<Bytes>) -> Result<Vec<f32>> {
+        self.embed_views(image.into(), &[View::CENTER]).await
     }
 
     /// Like [`Engine::embed`], for the mean embedding of several views of the image: decoded
     /// once, one queue slot, one batch.
-    pub async fn embed_views(&self, image: Vec<u8>, views: &'static [View]) -> Result<Vec<f32>> {
+    pub async fn embed_views(&self, image: Bytes, views: &'static [View]) -> Result<Vec<f32>> {
         if views.is_empty() || views.len() > MAX_VIEWS {
             return Err(Error::Internal(format!(
                 "{} views asked for; 1 to {MAX_VIEWS} are supported",
@@ -212,9 +249,10 @@ impl Engine {
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Decodes and preprocesses on the blocking pool, at most `decode_threads` at once: the
-    /// views of one image, laid end to end.
-    pub async fn preprocess(&self, image: Vec<u8>, views: &'static [View]) -> Result<Vec<f32>> {
+    /// Decodes and preprocesses on the blocking pool, at most `decode_threads` at once, each
+    /// holding what decoding takes from the shared byte budget: the views of one image, laid
+    /// end to end.
+    pub async fn preprocess(&self, image: Bytes, views: &'static [View]) -> Result<Vec<f32>> {
         let permit = self
             .inner
             .decoders
@@ -223,15 +261,51 @@ impl Engine {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         let limits = self.inner.limits;
-        // The permit moves into the task: a cancelled caller cannot free it early and let more
-        // decodes run than the limit allows.
+        // Reading the header costs a copy of the input at most, plus the metadata allowance.
+        let reading = self.reserve(preprocess::header_bytes(&image)).await?;
+        let (image, header) = tokio::task::spawn_blocking(move || {
+            let header = preprocess::read_header(&image, &limits);
+            (image, header)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("image header task failed: {e}")))?;
+        let header = header?;
+        // Given back before the full reservation is asked for: an item never holds some of the
+        // budget while waiting for more, so items cannot deadlock one another.
+        drop(reading);
+        let decoding = self.reserve(header.decode_bytes()).await?;
+        // The permits move into the task: a cancelled caller cannot free them early and let
+        // more decodes run (or more memory be held) than the limits allow.
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let views = preprocess::preprocess_views(&image, &limits, views)?;
+            let _held = (permit, decoding);
+            let img = preprocess::decode_with(&image, &limits, &header)?;
+            let views = preprocess::views_of(&img, views)?;
             Ok(views.concat())
         })
         .await
         .map_err(|e| Error::Internal(format!("image decoding task failed: {e}")))?
+    }
+
+    /// Waits until `bytes` of the decode budget are free and holds them; more than the whole
+    /// budget is an error at once.
+    async fn reserve(&self, bytes: u64) -> Result<OwnedSemaphorePermit> {
+        let limit = self.inner.budget_bytes;
+        let too_much = || Error::DecodeBudget { need: bytes, limit };
+        if bytes > limit {
+            return Err(too_much());
+        }
+        let permits = u32::try_from(kib(bytes)).map_err(|_| too_much())?;
+        self.inner
+            .budget
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Bytes of the decode budget free now (tests watch it come back).
+    pub fn decode_budget_free(&self) -> u64 {
+        self.inner.budget.available_permits() as u64 * 1024
     }
 
     /// Queue places for one item of `images` views: they are taken all at once, so items
@@ -329,6 +403,20 @@ impl Engine {
             .map_err(|e| Error::Internal(format!("joining the engine thread: {e}")))?
             .map_err(|_| Error::Internal("the engine thread panicked".into()))?
     }
+}
+
+/// Bytes to whole KiB, rounded up.
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024)
+}
+
+/// What a panic said, when it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// One of the `queue_capacity` places, held from before decoding until the engine takes the

@@ -176,8 +176,54 @@ fn is_resampled_natively(color: ColorType) -> bool {
 
 /// The cost of reading a header: what [`read_header`] may allocate for `bytes`.
 pub fn header_bytes(bytes: &[u8]) -> u64 {
-    // The JPEG decoder copies its input; every decoder may keep metadata up to the allowance.
-    (bytes.len() as u64).saturating_add(METADATA_ALLOWANCE)
+    // The JPEG decoder copies its input; every decoder may keep metadata up to the allowance;
+    // the PNG decoder allocates its row buffers.
+    (bytes.len() as u64)
+        .saturating_add(METADATA_ALLOWANCE)
+        .saturating_add(png_rows(bytes))
+}
+
+/// A PNG's header fields, read from their fixed place after the signature.
+struct Ihdr {
+    width: u32,
+    height: u32,
+    depth: u8,
+    color: u8,
+}
+
+fn png_ihdr(bytes: &[u8]) -> Option<Ihdr> {
+    if bytes.get(..8)? != b"\x89PNG\r\n\x1a\n" || bytes.get(12..16)? != b"IHDR" {
+        return None;
+    }
+    let be = |at: usize| Some(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    Some(Ihdr {
+        width: be(16)?,
+        height: be(20)?,
+        depth: *bytes.get(24)?,
+        color: *bytes.get(25)?,
+    })
+}
+
+/// The PNG decoder's row buffers: the previous and current filtered rows, and one output row
+/// (expanded to 8 bits, with an alpha channel when a tRNS chunk may add one). 0 for others.
+fn png_rows(bytes: &[u8]) -> u64 {
+    let Some(ihdr) = png_ihdr(bytes) else {
+        return 0;
+    };
+    let channels: u64 = match ihdr.color {
+        0 | 3 => 1,
+        4 => 2,
+        2 => 3,
+        _ => 4,
+    };
+    let width = u64::from(ihdr.width);
+    let filtered = (width * channels * u64::from(ihdr.depth.max(1))).div_ceil(8) + 1;
+    let out_channels: u64 = match ihdr.color {
+        0 | 4 => 2,
+        _ => 4,
+    };
+    let out = width * out_channels * if ihdr.depth == 16 { 2 } else { 1 };
+    filtered.saturating_mul(2).saturating_add(out)
 }
 
 /// Checks the encoded size, reads the header with a limited decoder and checks the pixel
@@ -192,7 +238,21 @@ pub fn read_header(bytes: &[u8], limits: &Limits) -> Result<Header> {
             limit: limits.max_bytes,
         });
     }
-    let (format, mut decoder) = open(bytes, limits, METADATA_ALLOWANCE)?;
+    // PNG is read row by row, and its decoder allocates its row buffers while reading the
+    // header: a 40,000,000 x 1 PNG needs them that early. Its IHDR is at a fixed place.
+    if let Some(ihdr) = png_ihdr(bytes) {
+        let pixels = u64::from(ihdr.width) * u64::from(ihdr.height);
+        if pixels > limits.max_pixels {
+            return Err(Error::TooManyPixels {
+                width: ihdr.width,
+                height: ihdr.height,
+                pixels,
+                limit: limits.max_pixels,
+            });
+        }
+    }
+    let probe = METADATA_ALLOWANCE.saturating_add(png_rows(bytes));
+    let (format, mut decoder) = open(bytes, limits, probe, true)?;
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > limits.max_pixels {
@@ -212,6 +272,7 @@ pub fn read_header(bytes: &[u8], limits: &Limits) -> Result<Header> {
         // Lossy WebP decodes through YUV planes, lossless through 32-bit ARGB; a GIF frame
         // smaller than its canvas has its own buffer.
         ImageFormat::WebP | ImageFormat::Gif => pixels.saturating_mul(4),
+        ImageFormat::Png => png_rows(bytes),
         _ => 0,
     };
     Ok(Header {
@@ -224,11 +285,13 @@ pub fn read_header(bytes: &[u8], limits: &Limits) -> Result<Header> {
     })
 }
 
-/// A decoder for `bytes` whose limits are set before it parses anything.
+/// A decoder for `bytes` whose limits are set before it parses anything; `check_jpeg` walks a
+/// JPEG's scans for truncation first.
 fn open<'a>(
     bytes: &'a [u8],
     limits: &Limits,
     max_alloc: u64,
+    check_jpeg: bool,
 ) -> Result<(ImageFormat, impl ImageDecoder + 'a)> {
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
     let Some(format) = reader.format() else {
@@ -236,7 +299,7 @@ fn open<'a>(
             "unrecognised file signature".into(),
         ));
     };
-    if format == ImageFormat::Jpeg {
+    if format == ImageFormat::Jpeg && check_jpeg {
         jpeg::check_complete(bytes)?;
     }
     // Set on the reader, so that the PNG decoder has them while it parses the chunks before
@@ -266,7 +329,8 @@ fn open<'a>(
 /// Decodes the image `header` describes (read from the same bytes), upright, in the layout the
 /// views are resampled from.
 pub fn decode_with(bytes: &[u8], limits: &Limits, header: &Header) -> Result<DynamicImage> {
-    let (format, decoder) = open(bytes, limits, header.decode_bytes())?;
+    // The JPEG walk was done by read_header, on these same bytes.
+    let (format, decoder) = open(bytes, limits, header.decode_bytes(), false)?;
     if decoder.dimensions() != (header.width, header.height) || decoder.color_type() != header.color
     {
         return Err(Error::Internal(

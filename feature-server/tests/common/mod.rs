@@ -72,6 +72,12 @@ impl TestServer {
         Self::start(server, None).await
     }
 
+    /// A server whose model comes from `loader`.
+    pub async fn with_model(config: Config, loader: feature_server::engine::Loader) -> Self {
+        let server = Server::with_model(config, loader).expect("server config");
+        Self::start(server, None).await
+    }
+
     async fn start(server: Server, dir: Option<tempfile::TempDir>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
