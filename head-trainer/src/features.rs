@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use prost::bytes::Bytes;
 use taxon_proto::v1::features_client::FeaturesClient;
-use taxon_proto::v1::{EmbedRequest, InfoRequest, ModelInfo, ViewSet, embed_response};
+use taxon_proto::v1::{EmbedRequest, InfoRequest, ViewSet, embed_response};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -33,10 +33,23 @@ use crate::{Error, Result};
 /// One image's embedding, or why the feature-server refused it.
 pub type ItemResult = Result<Vec<f32>>;
 
+/// What the core needs to know of the model behind the embeddings: a plain struct, so that
+/// neither the core nor a fake source depends on the wire's `ModelInfo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Model {
+    /// The embedding identity (backbone, weights digest and view set): embeddings, cache
+    /// rows and heads of different identities never mix.
+    pub id: String,
+    /// Length of an embedding.
+    pub dim: u32,
+    /// The largest image the feature-server takes, in bytes (0: it states none).
+    pub max_image_bytes: u64,
+}
+
 /// A source of embeddings.
 pub trait EmbeddingSource: Send + Sync + 'static {
     /// The model identity and limits, once known; watch it to learn when it becomes known.
-    fn info(&self) -> watch::Receiver<Option<Arc<ModelInfo>>>;
+    fn info(&self) -> watch::Receiver<Option<Arc<Model>>>;
 
     /// Whether a feature-server answered the latest probe (readiness).
     fn reachable(&self) -> watch::Receiver<bool>;
@@ -65,10 +78,10 @@ pub struct Timeouts {
 /// The gRPC client of the feature-servers.
 pub struct FeatureClient {
     client: FeaturesClient<Channel>,
-    /// Asked for on every Embed; part of the identity (`info.model`) the rest of the service
+    /// Asked for on every Embed; part of the identity (`Model::id`) the rest of the service
     /// sees, so the cache and the heads never mix embeddings of different view sets.
     views: ViewSet,
-    info: watch::Sender<Option<Arc<ModelInfo>>>,
+    info: watch::Sender<Option<Arc<Model>>>,
     reachable: watch::Sender<bool>,
     timeouts: Timeouts,
 }
@@ -115,13 +128,16 @@ impl FeatureClient {
     }
 
     /// One `Info` call: the identity with our view set appended, or why not.
-    async fn ask_info(&self) -> std::result::Result<ModelInfo, String> {
+    async fn ask_info(&self) -> std::result::Result<Model, String> {
         let mut client = self.client.clone();
         match tokio::time::timeout(self.timeouts.connect, client.info(InfoRequest {})).await {
             Ok(Ok(resp)) => {
-                let mut info = resp.into_inner();
-                info.model = taxon_proto::embedding_identity(&info.model, self.views);
-                Ok(info)
+                let info = resp.into_inner();
+                Ok(Model {
+                    id: taxon_proto::embedding_identity(&info.model, self.views),
+                    dim: info.dim,
+                    max_image_bytes: info.max_image_bytes,
+                })
             }
             Ok(Err(status)) => Err(status.to_string()),
             Err(_) => Err("timed out".into()),
@@ -165,7 +181,7 @@ impl FeatureClient {
                 };
                 *slot = Some(match resp.result {
                     Some(embed_response::Result::Embedding(e)) => {
-                        let expected = self.info.borrow().as_ref().map(|i| i.model.clone());
+                        let expected = self.info.borrow().as_ref().map(|i| i.id.clone());
                         match expected {
                             Some(m) if m != e.model => Err(Error::ModelMismatch {
                                 expected: m,
@@ -213,14 +229,14 @@ async fn probe(this: std::sync::Weak<FeatureClient>) {
         let Some(client) = this.upgrade() else { return };
         let interval = match client.ask_info().await {
             Ok(info) => {
-                let known = client.info.borrow().as_ref().map(|i| i.model.clone());
+                let known = client.info.borrow().as_ref().map(|i| i.id.clone());
                 match known {
                     None => {
-                        tracing::info!(model = %info.model, dim = info.dim, "feature-server reachable");
+                        tracing::info!(model = %info.id, dim = info.dim, "feature-server reachable");
                         client.info.send_replace(Some(Arc::new(info)));
                     }
-                    Some(m) if m != info.model => tracing::error!(
-                        expected = %m, got = %info.model,
+                    Some(m) if m != info.id => tracing::error!(
+                        expected = %m, got = %info.id,
                         "a feature-server serves a different model; its embeddings are refused"
                     ),
                     Some(_) => {}
@@ -247,7 +263,7 @@ async fn probe(this: std::sync::Weak<FeatureClient>) {
 }
 
 impl EmbeddingSource for FeatureClient {
-    fn info(&self) -> watch::Receiver<Option<Arc<ModelInfo>>> {
+    fn info(&self) -> watch::Receiver<Option<Arc<Model>>> {
         self.info.subscribe()
     }
 

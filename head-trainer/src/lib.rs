@@ -3,16 +3,20 @@
 //!
 //! Layout, outermost first:
 //! - [`server`]: `run(listener, config, shutdown)`: health, reflection, graceful shutdown;
-//! - [`service`]: the gRPC methods (enroll, classify, manage) and authentication;
+//! - [`service`]: the gRPC face: an auth interceptor and proto <-> domain conversion;
+//! - [`core`]: enroll, classify, list, rename, remove and train in plain Rust types, owning
+//!   every part below (a face never reaches past it);
 //! - [`tenants`]: each tenant's live taxonomy and heads, swapped atomically;
 //! - [`trainer`]: one training job per tenant at a time, later requests coalesced;
 //! - [`features`]: the feature-server client (the only source of embeddings);
 //! - [`inflight`]: one budget for image bytes in flight, across all callers;
 //! - [`store`]: the durable state in redb; [`heads`]: the models; [`decision`]: the rules.
 //!
-//! Everything below `service` knows nothing of tonic.
+//! Everything below `service` knows nothing of tonic (`features` is a gRPC client, but its
+//! trait speaks plain types).
 
 pub mod config;
+pub mod core;
 pub mod decision;
 pub mod error;
 pub mod features;

@@ -73,6 +73,11 @@ impl Taxonomy {
             .unwrap_or("")
     }
 
+    /// Name of the leaf's parent, `None` for a top-level class.
+    pub fn parent_of(&self, id: u64) -> Option<&str> {
+        Some(self.parent_name(id)).filter(|p| !p.is_empty())
+    }
+
     /// Examples of a class, counting a parent's children.
     pub fn examples_under(&self, id: u64) -> u32 {
         let own = self.classes.get(&id).map(|c| c.examples).unwrap_or(0);

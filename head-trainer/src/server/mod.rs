@@ -27,16 +27,16 @@ use taxon_proto::v1::classifier_server::ClassifierServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::Config;
+use crate::core::Core;
 use crate::features::{EmbeddingSource, FeatureClient, Timeouts};
-use crate::service::{Auth, ClassifierService, Ctx};
+use crate::service::{Auth, ClassifierService};
 use crate::store::Store;
-use crate::tenants::Tenants;
-use crate::trainer::Trainer;
 use crate::{Error, Result};
 use futures::StreamExt;
 use severable::Severable;
@@ -93,30 +93,13 @@ pub async fn run_with_source(
         train = ?config.train,
         "head-trainer starting"
     );
-    let trainer = Trainer::new(
-        Arc::clone(&store),
-        config.train.clone(),
-        config.default_head,
-        config.max_training_jobs,
-    );
-    let tenants = Tenants::new(
-        Arc::clone(&store),
-        config.train.clone(),
-        config.max_loaded_tenants,
-    );
     let grace = config.shutdown_grace;
     // A photo up to twice the limit is still read, so that it is refused as one item (the
     // rest of its stream goes on); a larger message ends its stream with the limit named.
     let max_message = 2 * config.max_photo_bytes + (1 << 20);
     let cut = CancellationToken::new();
-    let ctx = Arc::new(Ctx::new(
-        config,
-        tenants,
-        Arc::clone(&trainer),
-        Arc::clone(&features),
-        auth,
-        cut.clone(),
-    ));
+    let core = Arc::new(Core::new(config, store, Arc::clone(&features)));
+    let auth = Arc::new(auth);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -147,9 +130,11 @@ pub async fn run_with_source(
         .build_v1alpha()
         .map_err(|e| Error::InvalidArgument(format!("reflection: {e}")))?;
 
-    let service = ClassifierServer::new(ClassifierService::new(Arc::clone(&ctx)))
+    let service = ClassifierServer::new(ClassifierService::new(Arc::clone(&core), cut.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
+    // Authentication before any method: the tenant travels in the request's extensions.
+    let service = InterceptedService::new(service, move |req| auth.intercept(req));
     let stop_accepting = draining.clone();
     let sever = CancellationToken::new();
     let cuttable = sever.clone();
@@ -189,8 +174,8 @@ pub async fn run_with_source(
     };
     health_task.abort();
     tracing::info!("no longer serving; waiting for training jobs");
-    trainer.shutdown(grace).await;
-    drop(ctx);
+    core.shutdown(grace).await;
+    drop(core);
     served
         .map_err(|e| Error::Unavailable(format!("server task: {e}")))?
         .map_err(|e| Error::Unavailable(format!("server: {e}")))?;

@@ -1,15 +1,13 @@
-//! The `taxon.v1.Classifier` gRPC service: a thin layer that authenticates, validates,
-//! and hands over to the store, the trainer and the heads. One file per group of methods.
+//! The `taxon.v1.Classifier` gRPC face over the [`crate::core`]: the auth interceptor puts
+//! the tenant into each request's extensions, every method converts proto to domain, calls
+//! the core and converts back. No method touches the store, the tenants or the heads.
 
 pub mod auth;
-mod cache;
-mod classify;
-mod enroll;
-mod manage;
+mod convert;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use taxon_proto::v1::classifier_server::Classifier;
@@ -17,121 +15,12 @@ use taxon_proto::v1::*;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::Config;
-use crate::features::EmbeddingSource;
-use crate::heads::HeadKind;
-use crate::inflight::InflightBudget;
-use crate::tenants::{Tenant, Tenants};
-use crate::trainer::Trainer;
+use crate::core::{Caller, ClassifyInput, Core, Photo};
 use crate::{Error, Result};
-pub use auth::Auth;
-use cache::EmbeddingLru;
+pub use auth::{Auth, TenantId};
 
-/// What every method needs, shared by all requests.
-pub struct Ctx {
-    pub config: Config,
-    pub tenants: Tenants,
-    pub trainer: Arc<Trainer>,
-    pub features: Arc<dyn EmbeddingSource>,
-    pub auth: Auth,
-    /// Image bytes in flight across every request.
-    pub budget: InflightBudget,
-    /// Cancelled when shutdown's grace period is over: requests still running end with
-    /// UNAVAILABLE (see `server`).
-    pub cut: CancellationToken,
-    cache: Mutex<EmbeddingLru>,
-}
-
-impl Ctx {
-    pub fn new(
-        config: Config,
-        tenants: Tenants,
-        trainer: Arc<Trainer>,
-        features: Arc<dyn EmbeddingSource>,
-        auth: Auth,
-        cut: CancellationToken,
-    ) -> Self {
-        let cache = Mutex::new(EmbeddingLru::new(
-            config.classify_cache_entries,
-            config.share_embedding_cache,
-        ));
-        let budget = InflightBudget::new(config.max_inflight_bytes);
-        Self {
-            config,
-            tenants,
-            trainer,
-            features,
-            auth,
-            budget,
-            cut,
-            cache,
-        }
-    }
-
-    /// When this request must be done: the caller's deadline (`grpc-timeout`) if it set one
-    /// shorter than ours, else `--request-timeout-s` from now. What remains of it is passed on
-    /// to the feature-server, and waits for the in-flight budget end there too.
-    pub fn deadline(&self, md: &tonic::metadata::MetadataMap) -> tokio::time::Instant {
-        self.deadline_within(caller_deadline(md))
-    }
-
-    /// Our deadline from now, or the caller's when that comes first.
-    pub fn deadline_within(&self, caller: Option<tokio::time::Instant>) -> tokio::time::Instant {
-        let ours = tokio::time::Instant::now() + self.config.request_timeout;
-        caller.map_or(ours, |c| c.min(ours))
-    }
-
-    /// The model identity, or UNAVAILABLE while no feature-server has answered `Info`.
-    pub fn model(&self) -> Result<Arc<ModelInfo>> {
-        self.features
-            .info()
-            .borrow()
-            .clone()
-            .ok_or_else(|| Error::Unavailable("no feature-server has answered yet".into()))
-    }
-
-    /// Authenticates the request and loads its tenant. A tenant loaded for the first time
-    /// whose trained head lags its examples (a crash between an enroll and its training, or a
-    /// different `--default-head`) gets a training job.
-    pub async fn tenant(
-        &self,
-        md: &tonic::metadata::MetadataMap,
-    ) -> Result<(Arc<Tenant>, Arc<ModelInfo>)> {
-        let name = self.auth.tenant(md)?;
-        let info = self.model()?;
-        self.tenant_named(&name, &info).await
-    }
-
-    /// [`Ctx::tenant`] for an already authenticated tenant name.
-    pub async fn tenant_named(
-        &self,
-        name: &str,
-        info: &Arc<ModelInfo>,
-    ) -> Result<(Arc<Tenant>, Arc<ModelInfo>)> {
-        let (tenant, loaded) = self.tenants.get(name, &info.model).await?;
-        if loaded {
-            let set = tenant.current();
-            let kind = self.config.default_head;
-            let stale = set.prototype.is_some()
-                && set.trained.get(&kind).is_none_or(|h| {
-                    h.meta.revision < set.taxonomy.revision || h.meta.model != info.model
-                });
-            if stale && kind.is_trained() {
-                self.trainer.schedule(&tenant, &info.model);
-            }
-        }
-        Ok((tenant, Arc::clone(info)))
-    }
-
-    /// `None` for the live head, or the kind named on the wire.
-    fn head_kind(s: &str) -> Result<Option<HeadKind>> {
-        if s.is_empty() {
-            Ok(None)
-        } else {
-            s.parse().map(Some)
-        }
-    }
-}
+/// Images of one ClassifyStream classified at the same time.
+const STREAM_CONCURRENCY: usize = 8;
 
 /// The caller's deadline (`grpc-timeout`), if it set one, a little early: a tenth of it, at
 /// most 100 ms, is kept back so that the caller hears why we gave up (the limit we waited
@@ -142,24 +31,44 @@ pub fn caller_deadline(md: &tonic::metadata::MetadataMap) -> Option<tokio::time:
     Some(tokio::time::Instant::now() + t - margin)
 }
 
+/// Who asks (the tenant the interceptor authenticated) and by when.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let tenant = req
+        .extensions()
+        .get::<TenantId>()
+        .ok_or_else(|| Status::internal("no tenant: the auth interceptor is not installed"))?;
+    Ok(Caller {
+        tenant: tenant.0.clone(),
+        deadline: caller_deadline(req.metadata()),
+    })
+}
+
 /// The tonic service.
 #[derive(Clone)]
 pub struct ClassifierService {
-    ctx: Arc<Ctx>,
+    core: Arc<Core>,
+    /// Cancelled when shutdown's grace period is over: requests still running end with
+    /// UNAVAILABLE (see `server`).
+    cut: CancellationToken,
 }
 
 impl ClassifierService {
-    pub fn new(ctx: Arc<Ctx>) -> Self {
-        Self { ctx }
+    pub fn new(core: Arc<Core>, cut: CancellationToken) -> Self {
+        Self { core, cut }
     }
 
     /// Runs a request until it finishes or shutdown cuts it (after the grace period).
     async fn cut_off<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T, Status> {
         tokio::select! {
             r = request => Ok(r?),
-            () = self.ctx.cut.cancelled() => Err(Error::ShuttingDown.into()),
+            () = self.cut.cancelled() => Err(Error::ShuttingDown.into()),
         }
     }
+}
+
+/// A broken client stream ends the enroll; nothing has been written yet.
+fn enroll_stream_error(s: &Status) -> Error {
+    Error::InvalidArgument(format!("enroll stream: {}", s.message()))
 }
 
 type ClassifyStream = Pin<Box<dyn Stream<Item = Result<ClassifyStreamResponse, Status>> + Send>>;
@@ -170,18 +79,53 @@ impl Classifier for ClassifierService {
         &self,
         req: Request<Streaming<EnrollRequest>>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        self.cut_off(enroll::enroll(&self.ctx, req))
-            .await
-            .map(Response::new)
+        let caller = caller(&req)?;
+        let mut stream = req.into_inner();
+        let enrolled = self.cut_off(async {
+            let start = match stream.message().await {
+                Err(s) => return Err(enroll_stream_error(&s)),
+                Ok(None) => return Err(Error::EmptyStream),
+                Ok(Some(EnrollRequest {
+                    item: Some(enroll_request::Item::Start(s)),
+                })) => s,
+                Ok(Some(_)) => {
+                    return Err(Error::InvalidArgument(
+                        "the first message of Enroll must be EnrollStart".into(),
+                    ));
+                }
+            };
+            let photos = stream.map(|msg| match msg {
+                Ok(EnrollRequest {
+                    item: Some(enroll_request::Item::Photo(p)),
+                }) => Ok(Photo {
+                    id: p.id,
+                    image: p.image,
+                }),
+                Ok(_) => Err(Error::InvalidArgument(
+                    "only the first message of Enroll may be EnrollStart".into(),
+                )),
+                Err(s) => Err(enroll_stream_error(&s)),
+            });
+            self.core.enroll(&caller, start.into(), photos).await
+        });
+        Ok(Response::new(enrolled.await?.into()))
     }
 
     async fn classify(
         &self,
         req: Request<ClassifyRequest>,
     ) -> Result<Response<ClassifyResponse>, Status> {
-        self.cut_off(classify::classify(&self.ctx, req))
-            .await
-            .map(Response::new)
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let classified = self.cut_off(async {
+            let input = ClassifyInput {
+                image: r.image,
+                top_k: r.top_k,
+                head: convert::head_kind(&r.head)?,
+            };
+            self.core.classify(&caller, input).await
+        });
+        Ok(Response::new(classified.await?.into()))
     }
 
     type ClassifyStreamStream = ClassifyStream;
@@ -190,10 +134,43 @@ impl Classifier for ClassifierService {
         &self,
         req: Request<Streaming<ClassifyStreamRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        let stream = classify::classify_stream(Arc::clone(&self.ctx), req).await?;
+        let caller = caller(&req)?;
+        let session = Arc::new(self.core.session(&caller).await?);
+        let core = Arc::clone(&self.core);
+        let stream = req
+            .into_inner()
+            .map(move |item| {
+                let (core, session) = (Arc::clone(&core), Arc::clone(&session));
+                async move {
+                    let item = item?;
+                    let result = match convert::head_kind(&item.head) {
+                        Ok(head) => {
+                            let input = ClassifyInput {
+                                image: item.image,
+                                top_k: item.top_k,
+                                head,
+                            };
+                            core.classify_in(&session, input).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let result = match result {
+                        Ok(c) => classify_stream_response::Result::Classification(c.into()),
+                        Err(e) => classify_stream_response::Result::Error(ItemError {
+                            code: e.code() as i32,
+                            message: e.to_string(),
+                        }),
+                    };
+                    Ok(ClassifyStreamResponse {
+                        id: item.id,
+                        result: Some(result),
+                    })
+                }
+            })
+            .buffer_unordered(STREAM_CONCURRENCY);
         // Shutdown's cut ends the stream (its client sees UNAVAILABLE) instead of waiting for
         // a client that may never close it.
-        let cut = self.ctx.cut.clone();
+        let cut = self.cut.clone();
         let was_cut = cut.clone();
         let ended = futures::stream::once(async move { was_cut.is_cancelled() })
             .filter_map(|cut| async move { cut.then(|| Err(Status::from(Error::ShuttingDown))) });
@@ -206,32 +183,37 @@ impl Classifier for ClassifierService {
         &self,
         req: Request<ListClassesRequest>,
     ) -> Result<Response<ListClassesResponse>, Status> {
-        self.cut_off(manage::list(&self.ctx, req))
-            .await
-            .map(Response::new)
+        let caller = caller(&req)?;
+        let list = self.cut_off(self.core.list(&caller)).await?;
+        Ok(Response::new(list.into()))
     }
 
     async fn remove_class(
         &self,
         req: Request<RemoveClassRequest>,
     ) -> Result<Response<RemoveClassResponse>, Status> {
-        self.cut_off(manage::remove(&self.ctx, req))
-            .await
-            .map(Response::new)
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let removed = self.cut_off(self.core.remove(&caller, &r.name, r.recursive));
+        Ok(Response::new(removed.await?.into()))
     }
 
     async fn rename_class(
         &self,
         req: Request<RenameClassRequest>,
     ) -> Result<Response<RenameClassResponse>, Status> {
-        self.cut_off(manage::rename(&self.ctx, req))
-            .await
-            .map(Response::new)
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let head = self.cut_off(self.core.rename(&caller, &r.name, &r.new_name));
+        Ok(Response::new(convert::renamed(head.await?)))
     }
 
     async fn train(&self, req: Request<TrainRequest>) -> Result<Response<TrainResponse>, Status> {
-        self.cut_off(manage::train(&self.ctx, req))
-            .await
-            .map(Response::new)
+        let caller = caller(&req)?;
+        let trained = self.cut_off(async {
+            let kind = convert::head_kind(&req.get_ref().head)?;
+            self.core.train(&caller, kind).await
+        });
+        Ok(Response::new(trained.await?.into()))
     }
 }

@@ -1,0 +1,181 @@
+//! The domain core: enroll, classify, list, rename, remove and train, in plain Rust types.
+//!
+//! It owns every part (the store, the tenants' live state, the trainer, the embedding source,
+//! the in-flight budget and the embedding LRU) so that the sequence each operation needs
+//! (write -> refresh the tenant -> schedule training) is written once, here, and a face (the
+//! gRPC service, an HTTP API next) is only authentication, conversion and `?`. Nothing here
+//! knows tonic or the wire types: a face hands in a [`Caller`] (tenant, deadline) and domain
+//! values, and gets domain values or a [`crate::Error`] back.
+
+mod cache;
+mod classify;
+mod enroll;
+mod manage;
+mod types;
+
+pub use classify::Session;
+pub use types::*;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::features::{EmbeddingSource, Model};
+use crate::heads::HeadKind;
+use crate::inflight::InflightBudget;
+use crate::store::Store;
+use crate::tenants::{Tenant, Tenants};
+use crate::trainer::Trainer;
+use crate::{Error, Result};
+use cache::EmbeddingLru;
+
+/// The head-trainer's state and operations, shared by every request of every face.
+pub struct Core {
+    config: Config,
+    store: Arc<Store>,
+    tenants: Tenants,
+    trainer: Arc<Trainer>,
+    features: Arc<dyn EmbeddingSource>,
+    /// Image bytes in flight across every request.
+    budget: InflightBudget,
+    /// Embeddings of recently classified photos.
+    cache: Mutex<EmbeddingLru>,
+}
+
+impl Core {
+    /// The core over an open store and a source of embeddings.
+    pub fn new(config: Config, store: Arc<Store>, features: Arc<dyn EmbeddingSource>) -> Self {
+        let trainer = Trainer::new(
+            Arc::clone(&store),
+            config.train.clone(),
+            config.default_head,
+            config.max_training_jobs,
+        );
+        let tenants = Tenants::new(
+            Arc::clone(&store),
+            config.train.clone(),
+            config.max_loaded_tenants,
+        );
+        let cache = Mutex::new(EmbeddingLru::new(
+            config.classify_cache_entries,
+            config.share_embedding_cache,
+        ));
+        let budget = InflightBudget::new(config.max_inflight_bytes);
+        Self {
+            config,
+            store,
+            tenants,
+            trainer,
+            features,
+            budget,
+            cache,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The embedding source (the server's readiness follows it).
+    pub fn features(&self) -> &Arc<dyn EmbeddingSource> {
+        &self.features
+    }
+
+    /// Stops starting training jobs and gives running ones `grace` to save their heads.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.trainer.shutdown(grace).await;
+    }
+
+    /// Our deadline from now, or the caller's when that comes first. What remains of it is
+    /// passed on to the feature-server, and waits for the in-flight budget end there too.
+    pub fn deadline_within(&self, caller: Option<Instant>) -> Instant {
+        let ours = Instant::now() + self.config.request_timeout;
+        caller.map_or(ours, |c| c.min(ours))
+    }
+
+    /// The model identity, or UNAVAILABLE while no feature-server has answered `Info`.
+    fn model(&self) -> Result<Arc<Model>> {
+        self.features
+            .info()
+            .borrow()
+            .clone()
+            .ok_or_else(|| Error::Unavailable("no feature-server has answered yet".into()))
+    }
+
+    /// Loads the tenant. A tenant loaded for the first time whose trained head lags its
+    /// examples (a crash between an enroll and its training, or a different
+    /// `--default-head`) gets a training job.
+    async fn tenant(&self, name: &str, model: &Model) -> Result<Arc<Tenant>> {
+        let (tenant, loaded) = self.tenants.get(name, &model.id).await?;
+        if loaded {
+            let set = tenant.current();
+            let kind = self.config.default_head;
+            let stale = set.prototype.is_some()
+                && set.trained.get(&kind).is_none_or(|h| {
+                    h.meta.revision < set.taxonomy.revision || h.meta.model != model.id
+                });
+            if stale && kind.is_trained() {
+                self.trainer.schedule(&tenant, &model.id);
+            }
+        }
+        Ok(tenant)
+    }
+
+    /// The tenant, loaded, when the model identity is known. Before any feature-server has
+    /// answered no tenant can have been loaded (loading needs the identity), so a store change
+    /// made then is simply read when the tenant is first loaded.
+    async fn loaded_tenant(&self, name: &str) -> Result<Option<(Arc<Tenant>, Arc<Model>)>> {
+        match self.model() {
+            Ok(model) => Ok(Some((self.tenant(name, &model).await?, model))),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// After a write: publishes the tenant's new taxonomy and prototype and, when the
+    /// examples changed, asks for the trained head to be rebuilt.
+    async fn written(&self, tenant: &Arc<Tenant>, model: &str, retrain: bool) -> Result<()> {
+        self.tenants.refresh(tenant, model).await?;
+        if retrain {
+            self.trainer.schedule(tenant, model);
+        }
+        Ok(())
+    }
+
+    /// The head answering requests that name none.
+    fn live(&self, tenant: &Tenant, model: &str) -> Option<HeadRef> {
+        tenant
+            .current()
+            .live(self.config.default_head, model)
+            .map(|h| HeadRef {
+                kind: h.meta.kind.clone(),
+                version: h.meta.version,
+            })
+    }
+
+    /// Runs a store call on the blocking pool: every store method may fsync.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Error::Store(format!("{what} task: {e}")))?
+    }
+
+    /// The per-photo byte limit: ours, or the feature-server's if it is lower.
+    fn photo_limit(&self, model: &Model) -> usize {
+        match usize::try_from(model.max_image_bytes) {
+            Ok(0) | Err(_) => self.config.max_photo_bytes,
+            Ok(n) => self.config.max_photo_bytes.min(n),
+        }
+    }
+
+    /// The default head kind, or the one asked for.
+    fn kind_or_default(&self, kind: Option<HeadKind>) -> HeadKind {
+        kind.unwrap_or(self.config.default_head)
+    }
+}
