@@ -189,18 +189,22 @@ impl StreamDriver {
     }
 }
 
+/// The view set a request asks for, and its views; an unknown number is the item's error.
+pub fn views_of_request(views: i32) -> Result<(ViewSet, &'static [View]), Error> {
+    let set = ViewSet::try_from(views).map_err(|_| Error::UnknownViewSet(views))?;
+    let views: &'static [View] = match set {
+        ViewSet::Center => &[View::CENTER],
+        ViewSet::ScalesAndMirrors => &SCALES_AND_MIRRORS,
+    };
+    Ok((set, views))
+}
+
 /// One item through the engine, as the response the client sees.
 async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> EmbedResponse {
     let EmbedRequest { id, image, views } = request;
-    let embedded = match ViewSet::try_from(views) {
-        Ok(set) => {
-            let views: &'static [View] = match set {
-                ViewSet::Center => &[View::CENTER],
-                ViewSet::ScalesAndMirrors => &SCALES_AND_MIRRORS,
-            };
-            engine.embed_views(image, views).await.map(|v| (v, set))
-        }
-        Err(_) => Err(Error::UnknownViewSet(views)),
+    let embedded = match views_of_request(views) {
+        Ok((set, views)) => engine.embed_views(image, views).await.map(|v| (v, set)),
+        Err(err) => Err(err),
     };
     let result = match embedded {
         Ok((values, set)) => embed_response::Result::Embedding(Embedding {
