@@ -280,6 +280,50 @@ fn jpeg_cut_and_patched() -> Vec<u8> {
     out
 }
 
+// --- TIFF by hand ----------------------------------------------------------------------------
+
+/// A little-endian TIFF of two pages: a small grey first page, then a second whose header
+/// claims 65535 x 65535 with no data. Only the first page is ever decoded.
+fn tiff_two_pages() -> Vec<u8> {
+    let (w, h) = (64u32, 48u32);
+    let pixels: Vec<u8> = (0..w * h).map(|i| (i % 251) as u8).collect();
+    let ifd = |width: u32, height: u32, data_at: u32, next: u32| {
+        let entries: [(u16, u16, u32); 9] = [
+            (256, 4, width),
+            (257, 4, height),
+            (258, 3, 8),
+            (259, 3, 1),
+            (262, 3, 1),
+            (273, 4, data_at),
+            (277, 3, 1),
+            (278, 4, height),
+            (279, 4, width * height),
+        ];
+        let mut out = (entries.len() as u16).to_le_bytes().to_vec();
+        for (tag, kind, value) in entries {
+            out.extend(tag.to_le_bytes());
+            out.extend(kind.to_le_bytes());
+            out.extend(1u32.to_le_bytes());
+            if kind == 3 {
+                out.extend((value as u16).to_le_bytes());
+                out.extend([0, 0]);
+            } else {
+                out.extend(value.to_le_bytes());
+            }
+        }
+        out.extend(next.to_le_bytes());
+        out
+    };
+    let first_ifd = 8 + pixels.len() as u32;
+    let second_ifd = first_ifd + 2 + 9 * 12 + 4;
+    let mut out = b"II*\0".to_vec();
+    out.extend(first_ifd.to_le_bytes());
+    out.extend(&pixels);
+    out.extend(ifd(w, h, 8, second_ifd));
+    out.extend(ifd(65_535, 65_535, 8, 0));
+    out
+}
+
 // --- the rest ---------------------------------------------------------------------------------
 
 fn gif_frames(frames: &[image::RgbaImage]) -> Vec<u8> {
@@ -460,6 +504,11 @@ async fn hostile_images_fail_alone_and_memory_stays_bounded() {
         ),
         case("jpeg cmyk 8x8", tiny_jpeg(4, 8), Expect::Either),
         case("jpeg 12-bit 8x8", tiny_jpeg(3, 12), Expect::Either),
+        case(
+            "tiff two pages, 2nd 65535x65535",
+            tiff_two_pages(),
+            Expect::Embedding,
+        ),
         case(
             "gif two frames",
             gif_frames(&[first.clone(), flat_rgba(40, 30, 200)]),
