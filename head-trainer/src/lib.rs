@@ -10,7 +10,8 @@
 //! - [`trainer`]: one training job per tenant at a time, later requests coalesced;
 //! - [`features`]: the feature-server client (the only source of embeddings);
 //! - [`inflight`]: one budget for image bytes in flight, across all callers;
-//! - [`store`]: the durable state in redb; [`heads`]: the models; [`decision`]: the rules.
+//! - [`store`]: the durable state behind a trait (redb, embedded, by default); [`heads`]: the
+//!   models; [`decision`]: the rules.
 //!
 //! Everything below `service` knows nothing of tonic (`features` is a gRPC client, but its
 //! trait speaks plain types).

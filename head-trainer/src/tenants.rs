@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::heads::{Head, HeadKind, TrainOptions, TrainSet};
+#[cfg(test)]
+use crate::store::RedbStore;
 use crate::store::{Snapshot, Store};
 use crate::taxonomy::Taxonomy;
 use crate::{Error, Result};
@@ -140,7 +142,7 @@ pub fn prototype_of(snap: &Snapshot, model: &str, opts: &TrainOptions) -> Result
 /// store, so unloading loses nothing; without the bound, memory would grow with every tenant
 /// ever seen (an evaluation creates one per seed).
 pub struct Tenants {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     opts: TrainOptions,
     max_loaded: usize,
     clock: AtomicU64,
@@ -148,7 +150,7 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    pub fn new(store: Arc<Store>, opts: TrainOptions, max_loaded: usize) -> Self {
+    pub fn new(store: Arc<dyn Store>, opts: TrainOptions, max_loaded: usize) -> Self {
         Self {
             store,
             opts,
@@ -192,10 +194,6 @@ impl Tenants {
             map.remove(&name);
             tracing::debug!(tenant = %name, "unloaded an idle tenant");
         }
-    }
-
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
     }
 
     /// The tenant, loading its taxonomy, prototype and stored heads on first use. The bool is
@@ -278,7 +276,7 @@ mod tests {
     #[tokio::test]
     async fn idle_tenants_are_unloaded_least_recent_first_and_busy_ones_never() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
         let tenants = Tenants::new(store, TrainOptions::default(), 2);
         let m = "test@sha256:00";
         let (busy, _) = tenants.get("busy", m).await.unwrap(); // held: never unloaded

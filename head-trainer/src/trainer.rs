@@ -22,7 +22,7 @@ use crate::{Error, Result};
 
 /// Schedules and runs training jobs.
 pub struct Trainer {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     opts: TrainOptions,
     default_kind: HeadKind,
     tracker: TaskTracker,
@@ -32,7 +32,7 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         opts: TrainOptions,
         default_kind: HeadKind,
         max_jobs: usize,
@@ -115,7 +115,7 @@ impl Trainer {
                 head.meta.version = snap.taxonomy.prototype_version;
                 return Ok(head);
             }
-            let version = store.save_head(&name, kind.as_str(), |v| {
+            let version = store.save_head(&name, kind.as_str(), &mut |v| {
                 head.meta.version = v;
                 head.to_bytes()
             })?;

@@ -178,7 +178,7 @@ fn store_files_are_readable_by_their_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("store");
-    drop(head_trainer::store::Store::open(&data).unwrap());
+    drop(head_trainer::store::RedbStore::open(&data).unwrap());
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("taxon.redb")), 0o600);

@@ -34,7 +34,7 @@ use cache::EmbeddingLru;
 /// The head-trainer's state and operations, shared by every request of every face.
 pub struct Core {
     config: Config,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     tenants: Tenants,
     trainer: Arc<Trainer>,
     features: Arc<dyn EmbeddingSource>,
@@ -46,7 +46,7 @@ pub struct Core {
 
 impl Core {
     /// The core over an open store and a source of embeddings.
-    pub fn new(config: Config, store: Arc<Store>, features: Arc<dyn EmbeddingSource>) -> Self {
+    pub fn new(config: Config, store: Arc<dyn Store>, features: Arc<dyn EmbeddingSource>) -> Self {
         let trainer = Trainer::new(
             Arc::clone(&store),
             config.train.clone(),
@@ -158,10 +158,10 @@ impl Core {
     async fn blocking<T: Send + 'static>(
         &self,
         what: &'static str,
-        f: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || f(&store))
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .map_err(|e| Error::Store(format!("{what} task: {e}")))?
     }

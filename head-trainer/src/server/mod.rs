@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::core::Core;
 use crate::features::{EmbeddingSource, FeatureClient, Timeouts};
 use crate::service::{Auth, ClassifierService};
-use crate::store::Store;
+use crate::store::{RedbStore, Store};
 use crate::{Error, Result};
 use futures::StreamExt;
 use severable::Severable;
@@ -75,8 +75,8 @@ pub async fn run_with_source(
         None => Auth::open(),
     };
     let data_dir = config.data_dir.clone();
-    let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&data_dir))
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || RedbStore::open(&data_dir))
             .await
             .map_err(|e| Error::Store(e.to_string()))??,
     );

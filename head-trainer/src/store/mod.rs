@@ -1,33 +1,26 @@
-//! The durable state: tenants, classes, examples, cached embeddings and trained heads, in one
-//! embedded redb file.
+//! The durable state: tenants, classes, examples, cached embeddings and trained heads.
 //!
-//! Why redb: pure Rust (nothing to install, builds everywhere cargo does), ACID transactions
-//! over copy-on-write B-trees with an fsync on commit, so a `kill -9` at any instant leaves the
-//! last committed state and nothing half-written. Every method here is one transaction, and
-//! callers reply to a client only after the method returned: an acknowledged write is durable.
+//! [`Store`] is what the rest of the head-trainer needs of a database, so that a second
+//! implementation (PostgreSQL, for several head-trainers on one database) is one file beside
+//! [`RedbStore`], the embedded default, and the same test suite (`tests.rs`) holds both to
+//! the same contract:
+//! - every method is one transaction, and callers reply to a client only after the method
+//!   returned: an acknowledged write is durable (it survives `kill -9`);
+//! - every row belongs to one tenant, and no method ever reads or changes another's;
+//! - a failed write changes nothing.
 //!
-//! All methods block (they may fsync); async callers run them on the blocking pool.
+//! All methods block (they may fsync, or wait for the network); async callers run them on
+//! the blocking pool.
 
-mod classes;
-pub mod schema;
+mod redb;
 
-pub use classes::{EnrollOutcome, EnrollWrite, RemoveOutcome};
+pub use self::redb::RedbStore;
 
-use std::path::Path;
-
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
-
-use crate::taxonomy::{ClassEntry, Taxonomy};
-use crate::{Error, Result};
-use schema::*;
+use crate::Result;
+use crate::taxonomy::Taxonomy;
 
 /// sha256 of a photo's bytes.
 pub type Hash = [u8; 32];
-
-/// The embedded database.
-pub struct Store {
-    db: Database,
-}
 
 /// A consistent read of a tenant: taxonomy and every example's embedding under one model.
 pub struct Snapshot {
@@ -36,237 +29,87 @@ pub struct Snapshot {
     pub examples: Vec<(u64, Vec<f32>)>,
 }
 
-impl Store {
-    /// Opens (or creates) `dir/taxon.redb`. redb replays nothing: after a crash the file simply
-    /// holds the last committed transaction.
-    ///
-    /// The folder is made 0700 and the file 0600: it holds every tenant's embeddings, from
-    /// which a photo's content can partly be recovered.
-    pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Store(format!("{}: {e}", dir.display())))?;
-        let path = dir.join("taxon.redb");
-        owner_only(dir, 0o700)?;
-        if !path.exists() {
-            // Created empty with the right mode first, so the file is never world-readable.
-            create_private(&path)?;
-        }
-        owner_only(&path, 0o600)?;
-        let db = Database::create(&path)?;
-        let txn = begin_write(&db)?;
-        {
-            let mut settings = txn.open_table(SETTINGS)?;
-            let found = settings.get("schema_version")?.map(|v| v.value());
-            match found {
-                None => {
-                    settings.insert("schema_version", SCHEMA_VERSION)?;
-                }
-                Some(v) if v == SCHEMA_VERSION => {}
-                Some(v) => {
-                    return Err(Error::Store(format!(
-                        "store schema {v}, this build reads {SCHEMA_VERSION}"
-                    )));
-                }
-            }
-            // Create every table so that read transactions never meet a missing one.
-            txn.open_table(CLASSES)?;
-            txn.open_table(CLASS_NAMES)?;
-            txn.open_table(EXAMPLES)?;
-            txn.open_table(EMBEDDINGS)?;
-            txn.open_table(COUNTERS)?;
-            txn.open_table(HEADS)?;
-        }
-        txn.commit()?;
-        Ok(Self { db })
-    }
+/// What one Enroll writes: a class (created with its parent if new) and its examples.
+pub struct EnrollWrite<'a> {
+    pub class_name: &'a str,
+    pub parent: Option<&'a str>,
+    pub model: &'a str,
+    /// Every accepted photo with its embedding (cached ones too, so the write never depends on
+    /// a cache row that a concurrent remove might drop).
+    pub examples: Vec<(Hash, Vec<f32>)>,
+}
 
-    /// A write transaction that is on disk when `commit` returns (see [`begin_write`]).
-    pub(crate) fn write(&self) -> Result<redb::WriteTransaction> {
-        begin_write(&self.db)
-    }
+/// What an Enroll committed.
+#[derive(Debug)]
+pub struct EnrollOutcome {
+    pub class_id: u64,
+    pub parent: Option<String>,
+    /// Examples of the class after the write.
+    pub examples: u32,
+    pub revision: u64,
+}
 
+/// What a RemoveClass committed.
+#[derive(Debug)]
+pub struct RemoveOutcome {
+    pub removed_classes: Vec<String>,
+    pub removed_examples: u32,
+    pub revision: u64,
+}
+
+/// A tenant's durable state, one transaction per method.
+///
+/// Counters (see the taxonomy's `seq`, `revision`, `prototype_version`): `revision` moves with
+/// every change to the examples (enroll, remove), `seq` with every write at all (also rename
+/// and a saved head), and head versions come from one sequence per tenant shared by every
+/// kind and the prototype, so that a version names one head of the tenant.
+pub trait Store: Send + Sync + 'static {
     /// The tenant's taxonomy and, when `model` is given, every example's embedding under it.
     /// Examples without an embedding under `model` (embedded by another backbone) are skipped.
-    pub fn snapshot(&self, tenant: &str, model: Option<&str>) -> Result<Snapshot> {
-        let txn = self.db.begin_read()?;
-        let taxonomy = read_taxonomy(&txn, tenant)?;
-        let mut examples = Vec::new();
-        if let Some(model) = model {
-            let ex = txn.open_table(EXAMPLES)?;
-            let emb = txn.open_table(EMBEDDINGS)?;
-            for row in ex.range((tenant, 0u64, &[][..])..)? {
-                let (k, _) = row?;
-                let (t, class, hash) = k.value();
-                if t != tenant {
-                    break;
-                }
-                if let Some(v) = emb.get((tenant, hash, model))? {
-                    examples.push((class, decode_embedding(v.value())));
-                }
-            }
-        }
-        Ok(Snapshot { taxonomy, examples })
-    }
+    fn snapshot(&self, tenant: &str, model: Option<&str>) -> Result<Snapshot>;
 
     /// The cached embedding of a photo, if the tenant has sent it before.
-    pub fn embedding(&self, tenant: &str, hash: &Hash, model: &str) -> Result<Option<Vec<f32>>> {
-        let txn = self.db.begin_read()?;
-        let emb = txn.open_table(EMBEDDINGS)?;
-        Ok(emb
-            .get((tenant, &hash[..], model))?
-            .map(|v| decode_embedding(v.value())))
-    }
+    fn embedding(&self, tenant: &str, hash: &Hash, model: &str) -> Result<Option<Vec<f32>>>;
 
-    /// Stores a trained head under a fresh version. `encode` receives the version, so the
-    /// version inside the bytes and the one handed out are the same number.
-    pub fn save_head(
+    /// Creates the class (and its parent) if needed and adds the examples. Refused whole
+    /// (`Precondition`) when the parent has photos of its own, when the class is a parent, or
+    /// when it already has another parent.
+    fn enroll(&self, tenant: &str, w: &EnrollWrite<'_>) -> Result<EnrollOutcome>;
+
+    /// Removes a class with its examples (and its children when `recursive`; a parent without
+    /// it is `Precondition`). Embeddings no other example of the tenant uses are dropped too:
+    /// removal really forgets the photos. Class ids are never reused.
+    fn remove_class(&self, tenant: &str, name: &str, recursive: bool) -> Result<RemoveOutcome>;
+
+    /// Renames a class (`UnknownClass`, `AlreadyExists`). Examples and heads refer to the id,
+    /// so nothing else changes.
+    fn rename_class(&self, tenant: &str, name: &str, new_name: &str) -> Result<()>;
+
+    /// Stores a trained head under a fresh version, replacing the tenant's previous head of
+    /// that kind. `encode` receives the version, so the version inside the bytes and the one
+    /// handed out are the same number.
+    fn save_head(
         &self,
         tenant: &str,
         kind: &str,
-        encode: impl FnOnce(u64) -> Result<Vec<u8>>,
-    ) -> Result<u64> {
-        let txn = self.write()?;
-        let version = bump(&txn, tenant, COUNTER_HEAD_SEQ)?;
-        let bytes = encode(version)?;
-        txn.open_table(HEADS)?
-            .insert((tenant, kind), bytes.as_slice())?;
-        bump(&txn, tenant, COUNTER_SEQ)?;
-        txn.commit()?;
-        Ok(version)
-    }
+        encode: &mut dyn FnMut(u64) -> Result<Vec<u8>>,
+    ) -> Result<u64>;
 
     /// Every stored head of the tenant, as (kind, bytes).
-    pub fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let txn = self.db.begin_read()?;
-        let heads = txn.open_table(HEADS)?;
-        let mut out = Vec::new();
-        for row in heads.range((tenant, "")..)? {
-            let (k, v) = row?;
-            let (t, kind) = k.value();
-            if t != tenant {
-                break;
-            }
-            out.push((kind.to_string(), v.value().to_vec()));
-        }
-        Ok(out)
-    }
+    fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>>;
 }
 
-fn read_taxonomy(txn: &ReadTransaction, tenant: &str) -> Result<Taxonomy> {
-    let classes = txn.open_table(CLASSES)?;
-    let examples = txn.open_table(EXAMPLES)?;
-    let counters = txn.open_table(COUNTERS)?;
-    let get =
-        |k: &str| -> Result<u64> { Ok(counters.get((tenant, k))?.map(|v| v.value()).unwrap_or(0)) };
-    let mut t = Taxonomy {
-        seq: get(COUNTER_SEQ)?,
-        revision: get(COUNTER_REVISION)?,
-        prototype_version: get(COUNTER_PROTOTYPE_VERSION)?,
-        ..Taxonomy::default()
-    };
-    collect_classes(&mut t, &classes, &examples, tenant)?;
-    Ok(t)
+/// Embeddings are stored as raw little-endian f32: compact, and decoding is a plain copy.
+pub fn encode_embedding(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn read_taxonomy_w(txn: &WriteTransaction, tenant: &str) -> Result<Taxonomy> {
-    let classes = txn.open_table(CLASSES)?;
-    let examples = txn.open_table(EXAMPLES)?;
-    let mut t = Taxonomy::default();
-    collect_classes(&mut t, &classes, &examples, tenant)?;
-    Ok(t)
-}
-
-fn collect_classes(
-    t: &mut Taxonomy,
-    classes: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
-    examples: &impl ReadableTable<(&'static str, u64, &'static [u8]), ()>,
-    tenant: &str,
-) -> Result<()> {
-    for row in classes.range((tenant, 0u64)..)? {
-        let (k, v) = row?;
-        let (tn, id) = k.value();
-        if tn != tenant {
-            break;
-        }
-        let r: ClassRecord = serde_json::from_slice(v.value())?;
-        t.classes.insert(
-            id,
-            ClassEntry {
-                id,
-                name: r.name,
-                parent: r.parent,
-                examples: 0,
-            },
-        );
-    }
-    for row in examples.range((tenant, 0u64, &[][..])..)? {
-        let (k, _) = row?;
-        let (tn, id, _) = k.value();
-        if tn != tenant {
-            break;
-        }
-        if let Some(c) = t.classes.get_mut(&id) {
-            c.examples += 1;
-        }
-    }
-    Ok(())
-}
-
-/// Increments a counter and returns the new value (the first value handed out is 1).
-fn bump(txn: &WriteTransaction, tenant: &str, name: &str) -> Result<u64> {
-    let mut counters = txn.open_table(COUNTERS)?;
-    let next = counters
-        .get((tenant, name))?
-        .map(|v| v.value())
-        .unwrap_or(0)
-        + 1;
-    counters.insert((tenant, name), next)?;
-    Ok(next)
-}
-
-fn set_counter(txn: &WriteTransaction, tenant: &str, name: &str, value: u64) -> Result<()> {
-    txn.open_table(COUNTERS)?.insert((tenant, name), value)?;
-    Ok(())
+/// Inverse of [`encode_embedding`].
+pub fn decode_embedding(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests;
-
-/// Every write is `Durability::Immediate`, stated rather than left to redb's default: an
-/// acknowledged write must survive `kill -9` and a power cut, so commit returns only after
-/// the data and the new root are fsynced.
-fn begin_write(db: &Database) -> Result<redb::WriteTransaction> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(redb::Durability::Immediate)
-        .map_err(|e| Error::Store(format!("durability: {e}")))?;
-    Ok(txn)
-}
-
-#[cfg(unix)]
-fn owner_only(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::Store(format!("{}: {e}", path.display())))
-}
-
-#[cfg(not(unix))]
-fn owner_only(_path: &Path, _mode: u32) -> Result<()> {
-    Ok(())
-}
-
-#[cfg(unix)]
-fn create_private(path: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map(drop)
-        .map_err(|e| Error::Store(format!("{}: {e}", path.display())))
-}
-
-#[cfg(not(unix))]
-fn create_private(_path: &Path) -> Result<()> {
-    Ok(())
-}

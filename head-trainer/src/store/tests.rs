@@ -1,6 +1,44 @@
-//! Store tests: transactions, tenant isolation, rename/remove without photos, reopen.
+//! The store contract, run against every implementation: transactions, tenant isolation,
+//! rename/remove without photos, reopen. Each test is a function of a [`Fixture`];
+//! `for_every_store!` instantiates all of them for each store, so a new store is one line
+//! there and cannot skip a test.
 
 use super::*;
+use crate::Error;
+
+/// A database for one test. `open` may be called again, once the previous handle is dropped,
+/// to reopen the same database (what a restart sees).
+trait Fixture {
+    fn open(&self) -> Box<dyn Store>;
+}
+
+struct Redb(tempfile::TempDir);
+
+impl Fixture for Redb {
+    fn open(&self) -> Box<dyn Store> {
+        Box::new(RedbStore::open(self.0.path()).unwrap())
+    }
+}
+
+fn redb() -> Redb {
+    Redb(tempfile::tempdir().unwrap())
+}
+
+macro_rules! for_every_store {
+    ($($test:ident),* $(,)?) => {
+        mod redb {
+            $( #[test] fn $test() { super::$test(&super::redb()); } )*
+        }
+    };
+}
+
+for_every_store!(
+    enroll_creates_class_parent_and_examples_in_one_go,
+    failed_enroll_writes_nothing,
+    tenants_are_isolated,
+    rename_and_remove_need_no_photos_and_survive_reopen,
+    head_versions_are_fresh_per_tenant_and_one_head_per_kind,
+);
 
 const M: &str = "mobilenet_v2@sha256:00";
 
@@ -20,10 +58,8 @@ fn write<'a>(class: &'a str, parent: Option<&'a str>, photos: &[u8]) -> EnrollWr
     }
 }
 
-#[test]
-fn enroll_creates_class_parent_and_examples_in_one_go() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+fn enroll_creates_class_parent_and_examples_in_one_go(f: &dyn Fixture) {
+    let s = f.open();
     let o = s
         .enroll("t", &write("beagle", Some("dog"), &[1, 2, 3]))
         .unwrap();
@@ -48,10 +84,8 @@ fn enroll_creates_class_parent_and_examples_in_one_go() {
     );
 }
 
-#[test]
-fn failed_enroll_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+fn failed_enroll_writes_nothing(f: &dyn Fixture) {
+    let s = f.open();
     s.enroll("t", &write("beagle", Some("dog"), &[1])).unwrap();
     // A parent cannot receive photos, and a class cannot change parent: both abort whole.
     assert!(s.enroll("t", &write("dog", None, &[9])).is_err());
@@ -65,10 +99,8 @@ fn failed_enroll_writes_nothing() {
     assert_eq!(s.embedding("t", &h(8), M).unwrap(), None);
 }
 
-#[test]
-fn tenants_are_isolated() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+fn tenants_are_isolated(f: &dyn Fixture) {
+    let s = f.open();
     s.enroll("a", &write("x", None, &[1])).unwrap();
     s.enroll("ab", &write("y", None, &[2])).unwrap();
     let a = s.snapshot("a", Some(M)).unwrap();
@@ -85,11 +117,9 @@ fn tenants_are_isolated() {
     );
 }
 
-#[test]
-fn rename_and_remove_need_no_photos_and_survive_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+fn rename_and_remove_need_no_photos_and_survive_reopen(f: &dyn Fixture) {
     {
-        let s = Store::open(dir.path()).unwrap();
+        let s = f.open();
         s.enroll("t", &write("beagle", Some("dog"), &[1, 2]))
             .unwrap();
         s.enroll("t", &write("pug", Some("dog"), &[3, 2])).unwrap();
@@ -121,11 +151,11 @@ fn rename_and_remove_need_no_photos_and_survive_reopen() {
         assert_eq!(r.removed_classes.len(), 3);
         assert_eq!(r.removed_examples, 4);
         let version = s
-            .save_head("t", "flat", |v| Ok(v.to_le_bytes().to_vec()))
+            .save_head("t", "flat", &mut |v| Ok(v.to_le_bytes().to_vec()))
             .unwrap();
         assert!(version > 0);
     }
-    let s = Store::open(dir.path()).unwrap();
+    let s = f.open();
     let snap = s.snapshot("t", Some(M)).unwrap();
     let names: Vec<_> = snap
         .taxonomy
@@ -146,4 +176,44 @@ fn rename_and_remove_need_no_photos_and_survive_reopen() {
     // Ids are never reused.
     let o = s.enroll("t", &write("new", None, &[7])).unwrap();
     assert!(o.class_id > 5);
+}
+
+fn head_versions_are_fresh_per_tenant_and_one_head_per_kind(f: &dyn Fixture) {
+    let s = f.open();
+    let o = s.enroll("t", &write("x", None, &[1])).unwrap();
+    let before = s.snapshot("t", None).unwrap().taxonomy;
+    assert_eq!(before.revision, o.revision);
+    let save = |tenant: &str, kind: &str| {
+        s.save_head(tenant, kind, &mut |v| Ok(format!("{kind}{v}").into_bytes()))
+            .unwrap()
+    };
+    let v1 = save("t", "flat");
+    assert!(
+        v1 > before.prototype_version,
+        "one version sequence for the prototype and every kind"
+    );
+    let v2 = save("t", "flat");
+    let v3 = save("t", "hierarchical");
+    assert!(v1 < v2 && v2 < v3);
+    save("u", "flat");
+    let mut heads = s.heads("t").unwrap();
+    heads.sort();
+    assert_eq!(
+        heads,
+        vec![
+            ("flat".to_string(), format!("flat{v2}").into_bytes()),
+            (
+                "hierarchical".to_string(),
+                format!("hierarchical{v3}").into_bytes()
+            ),
+        ],
+        "the latest head of each kind, with the version it was handed"
+    );
+    let after = s.snapshot("t", None).unwrap().taxonomy;
+    assert_eq!(
+        after.revision, before.revision,
+        "a head does not move the examples' revision"
+    );
+    assert!(after.seq > before.seq, "a saved head is a write");
+    assert_eq!(s.heads("nobody").unwrap(), vec![]);
 }

@@ -5,7 +5,7 @@
 //! filtering code. Classes are addressed by a stable numeric id; names live in a separate
 //! index, so a rename touches two small rows and never the examples or the heads.
 
-use redb::TableDefinition;
+use ::redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the layout changes incompatibly; checked at open.
@@ -54,16 +54,4 @@ pub const COUNTER_PROTOTYPE_VERSION: &str = "prototype_version";
 pub struct ClassRecord {
     pub name: String,
     pub parent: Option<u64>,
-}
-
-/// Embeddings are stored as raw little-endian f32: compact, and decoding is a plain copy.
-pub fn encode_embedding(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Inverse of [`encode_embedding`].
-pub fn decode_embedding(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }

@@ -1,0 +1,233 @@
+//! The transactions that change a tenant's classes: enroll (create class and parent, add
+//! examples), remove and rename. Each is one redb write transaction; the revision counter it
+//! bumps is what tells the trainer and the tenant cache that the taxonomy moved.
+
+use ::redb::{ReadableTable, WriteTransaction};
+
+use super::schema::*;
+use super::{RedbStore, bump, read_taxonomy_w, set_counter};
+use crate::store::{EnrollOutcome, EnrollWrite, RemoveOutcome, encode_embedding};
+use crate::{Error, Result};
+
+/// Creates the class (and its parent) if needed and adds the examples, in one transaction.
+pub(super) fn enroll(s: &RedbStore, tenant: &str, w: &EnrollWrite<'_>) -> Result<EnrollOutcome> {
+    let txn = s.write()?;
+    let outcome = {
+        let taxonomy = read_taxonomy_w(&txn, tenant)?;
+        let parent_id = match w.parent {
+            None => None,
+            Some(p) => Some(match taxonomy.by_name(p) {
+                Some(c) if c.examples > 0 => {
+                    return Err(Error::Precondition(format!(
+                        "`{p}` has photos of its own, so it cannot be a parent"
+                    )));
+                }
+                Some(c) => c.id,
+                None => create_class(&txn, tenant, p, None)?,
+            }),
+        };
+        let class_id = match taxonomy.by_name(w.class_name) {
+            Some(c) if taxonomy.is_parent(c.id) => {
+                return Err(Error::Precondition(format!(
+                    "`{}` is a parent: enroll photos into one of its children",
+                    c.name
+                )));
+            }
+            Some(c) if parent_id.is_some() && c.parent != parent_id => {
+                return Err(Error::Precondition(format!(
+                    "`{}` already has parent `{}`",
+                    c.name,
+                    taxonomy.parent_name(c.id)
+                )));
+            }
+            Some(c) => c.id,
+            None => create_class(&txn, tenant, w.class_name, parent_id)?,
+        };
+        let parent_id = parent_id.or(taxonomy.classes.get(&class_id).and_then(|c| c.parent));
+        {
+            let mut ex = txn.open_table(EXAMPLES)?;
+            let mut emb = txn.open_table(EMBEDDINGS)?;
+            let bytes_of = |v: &[f32]| encode_embedding(v);
+            for (hash, v) in &w.examples {
+                ex.insert((tenant, class_id, &hash[..]), ())?;
+                emb.insert((tenant, &hash[..], w.model), bytes_of(v).as_slice())?;
+            }
+        }
+        let examples = count_examples(&txn, tenant, class_id)?;
+        let revision = bump(&txn, tenant, COUNTER_REVISION)?;
+        bump(&txn, tenant, COUNTER_SEQ)?;
+        let proto = bump(&txn, tenant, COUNTER_HEAD_SEQ)?;
+        set_counter(&txn, tenant, COUNTER_PROTOTYPE_VERSION, proto)?;
+        let parent = match parent_id {
+            Some(p) => Some(read_class(&txn, tenant, p)?.name),
+            None => None,
+        };
+        EnrollOutcome {
+            class_id,
+            parent,
+            examples,
+            revision,
+        }
+    };
+    txn.commit()?;
+    Ok(outcome)
+}
+
+/// Removes a class with its examples (and its children when `recursive`). Embeddings no
+/// other example of the tenant uses are dropped too: removal really forgets the photos.
+pub(super) fn remove_class(
+    s: &RedbStore,
+    tenant: &str,
+    name: &str,
+    recursive: bool,
+) -> Result<RemoveOutcome> {
+    let txn = s.write()?;
+    let outcome = {
+        let taxonomy = read_taxonomy_w(&txn, tenant)?;
+        let root = taxonomy
+            .by_name(name)
+            .ok_or_else(|| Error::UnknownClass(name.to_string()))?;
+        if taxonomy.is_parent(root.id) && !recursive {
+            return Err(Error::Precondition(format!(
+                "`{name}` is a parent: set recursive to remove it with its children"
+            )));
+        }
+        let mut doomed = vec![root.id];
+        let mut i = 0;
+        while i < doomed.len() {
+            doomed.extend(taxonomy.children(doomed[i]).map(|c| c.id));
+            i += 1;
+        }
+        let mut ex = txn.open_table(EXAMPLES)?;
+        let mut hashes = Vec::new();
+        for &id in &doomed {
+            for row in ex.range((tenant, id, &[][..])..)? {
+                let (k, _) = row?;
+                let (t, c, h) = k.value();
+                if t != tenant || c != id {
+                    break;
+                }
+                hashes.push((id, h.to_vec()));
+            }
+        }
+        for (id, h) in &hashes {
+            ex.remove((tenant, *id, h.as_slice()))?;
+        }
+        // Drop embeddings that no surviving example refers to.
+        let survivors: Vec<u64> = taxonomy
+            .classes
+            .keys()
+            .copied()
+            .filter(|id| !doomed.contains(id))
+            .collect();
+        let mut emb = txn.open_table(EMBEDDINGS)?;
+        for (_, h) in &hashes {
+            let mut used = false;
+            for &s in &survivors {
+                if ex.get((tenant, s, h.as_slice()))?.is_some() {
+                    used = true;
+                    break;
+                }
+            }
+            if !used {
+                let models: Vec<String> = emb
+                    .range((tenant, h.as_slice(), "")..)?
+                    .map_while(|r| {
+                        let (k, _) = r.ok()?;
+                        let (t, kh, m) = k.value();
+                        (t == tenant && kh == h.as_slice()).then(|| m.to_string())
+                    })
+                    .collect();
+                for m in models {
+                    emb.remove((tenant, h.as_slice(), m.as_str()))?;
+                }
+            }
+        }
+        let mut classes = txn.open_table(CLASSES)?;
+        let mut names = txn.open_table(CLASS_NAMES)?;
+        let mut removed_classes = Vec::new();
+        for &id in &doomed {
+            let n = taxonomy.name(id).to_string();
+            classes.remove((tenant, id))?;
+            names.remove((tenant, n.as_str()))?;
+            removed_classes.push(n);
+        }
+        let revision = bump(&txn, tenant, COUNTER_REVISION)?;
+        bump(&txn, tenant, COUNTER_SEQ)?;
+        let proto = bump(&txn, tenant, COUNTER_HEAD_SEQ)?;
+        set_counter(&txn, tenant, COUNTER_PROTOTYPE_VERSION, proto)?;
+        RemoveOutcome {
+            removed_classes,
+            removed_examples: hashes.len() as u32,
+            revision,
+        }
+    };
+    txn.commit()?;
+    Ok(outcome)
+}
+
+/// Renames a class. Examples and heads refer to the id, so nothing else changes.
+pub(super) fn rename_class(s: &RedbStore, tenant: &str, name: &str, new_name: &str) -> Result<()> {
+    let txn = s.write()?;
+    {
+        let mut names = txn.open_table(CLASS_NAMES)?;
+        let id = names
+            .get((tenant, name))?
+            .map(|v| v.value())
+            .ok_or_else(|| Error::UnknownClass(name.to_string()))?;
+        if name == new_name {
+            return Ok(());
+        }
+        if names.get((tenant, new_name))?.is_some() {
+            return Err(Error::AlreadyExists(new_name.to_string()));
+        }
+        names.remove((tenant, name))?;
+        names.insert((tenant, new_name), id)?;
+        let mut record = read_class(&txn, tenant, id)?;
+        record.name = new_name.to_string();
+        txn.open_table(CLASSES)?
+            .insert((tenant, id), serde_json::to_vec(&record)?.as_slice())?;
+        bump(&txn, tenant, COUNTER_SEQ)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn read_class(txn: &WriteTransaction, tenant: &str, id: u64) -> Result<ClassRecord> {
+    let classes = txn.open_table(CLASSES)?;
+    let v = classes
+        .get((tenant, id))?
+        .ok_or_else(|| Error::Corrupt(format!("class id {id} of `{tenant}` has no record")))?;
+    Ok(serde_json::from_slice(v.value())?)
+}
+
+fn create_class(
+    txn: &WriteTransaction,
+    tenant: &str,
+    name: &str,
+    parent: Option<u64>,
+) -> Result<u64> {
+    let id = bump(txn, tenant, COUNTER_NEXT_CLASS)?;
+    let record = ClassRecord {
+        name: name.to_string(),
+        parent,
+    };
+    txn.open_table(CLASSES)?
+        .insert((tenant, id), serde_json::to_vec(&record)?.as_slice())?;
+    txn.open_table(CLASS_NAMES)?.insert((tenant, name), id)?;
+    Ok(id)
+}
+
+fn count_examples(txn: &WriteTransaction, tenant: &str, class: u64) -> Result<u32> {
+    let ex = txn.open_table(EXAMPLES)?;
+    let mut n = 0;
+    for row in ex.range((tenant, class, &[][..])..)? {
+        let (k, _) = row?;
+        let (t, c, _) = k.value();
+        if t != tenant || c != class {
+            break;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
