@@ -513,3 +513,84 @@ fn split_restarts(data: &[u8]) -> impl Iterator<Item = &[u8]> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment_bytes(marker: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0xFF, marker];
+        out.extend_from_slice(&((body.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A 64x64 grey progressive JPEG, flat: a DC first scan and an AC first scan (bands
+    /// 1..=63), with one-symbol Huffman tables, so each block costs one bit in each scan.
+    /// `ac_bytes` of the AC scan's 8 are kept (fewer: cut short, then FF D9).
+    fn progressive(ac_bytes: usize) -> Vec<u8> {
+        let mut out = vec![0xFF, 0xD8];
+        let mut dqt = vec![0];
+        dqt.extend([1u8; 64]);
+        out.extend(segment_bytes(0xDB, &dqt));
+        out.extend(segment_bytes(0xC2, &[8, 0, 64, 0, 64, 1, 1, 0x11, 0]));
+        for class in [0x00, 0x10] {
+            let mut dht = vec![class, 1];
+            dht.extend([0u8; 15]);
+            dht.push(0);
+            out.extend(segment_bytes(0xC4, &dht));
+        }
+        out.extend(segment_bytes(0xDA, &[1, 1, 0x00, 0, 0, 0]));
+        out.extend([0u8; 8]); // 64 blocks: DC size 0
+        out.extend(segment_bytes(0xDA, &[1, 1, 0x00, 1, 63, 0]));
+        out.extend(vec![0u8; ac_bytes]); // 64 blocks: end of band
+        out.extend([0xFF, 0xD9]);
+        out
+    }
+
+    #[test]
+    fn a_progressive_scan_cut_short_is_found() {
+        assert!(check_complete(&progressive(8)).is_ok());
+        let cut = check_complete(&progressive(2)).expect_err("cut");
+        assert!(
+            cut.to_string()
+                .contains("scan 2 ends after 16 of its 64 MCUs"),
+            "{cut}"
+        );
+        assert!(scratch_bytes(&progressive(8), 64, 64) >= 64 * 64 * 2);
+    }
+
+    #[test]
+    fn restart_intervals_are_followed() {
+        // The 8x8 blocks of a 64x16 grey baseline image, a restart marker every 4 blocks.
+        let mut out = vec![0xFF, 0xD8];
+        let mut dqt = vec![0];
+        dqt.extend([1u8; 64]);
+        out.extend(segment_bytes(0xDB, &dqt));
+        out.extend(segment_bytes(0xC0, &[8, 0, 16, 0, 64, 1, 1, 0x11, 0]));
+        for class in [0x00, 0x10] {
+            let mut dht = vec![class, 1];
+            dht.extend([0u8; 15]);
+            dht.push(0);
+            out.extend(segment_bytes(0xC4, &dht));
+        }
+        out.extend(segment_bytes(0xDD, &[0, 4]));
+        out.extend(segment_bytes(0xDA, &[1, 1, 0x00, 0, 63, 0]));
+        let whole = {
+            let mut o = out.clone();
+            for i in 0..4u8 {
+                o.push(0x00); // 4 blocks x 2 bits
+                if i < 3 {
+                    o.extend([0xFF, 0xD0 + i]);
+                }
+            }
+            o.extend([0xFF, 0xD9]);
+            o
+        };
+        assert!(check_complete(&whole).is_ok());
+        let mut cut = out;
+        cut.extend([0x00, 0xFF, 0xD0, 0xFF, 0xD9]);
+        let err = check_complete(&cut).expect_err("cut after 8 of 16 blocks");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+}
