@@ -44,6 +44,8 @@ pub struct Config {
     pub max_inflight_bytes: usize,
     /// Training jobs running at once, across tenants (each uses a core while it runs).
     pub max_training_jobs: usize,
+    /// Enroll and ClassifyStream calls carrying images at once.
+    pub max_concurrent_uploads: usize,
     pub thresholds: Thresholds,
     pub train: TrainOptions,
     pub connect_timeout: Duration,
@@ -75,6 +77,7 @@ impl Config {
             max_photos_per_enroll: 1000,
             max_inflight_bytes: 256 << 20,
             max_training_jobs: 2,
+            max_concurrent_uploads: 16,
             thresholds: Thresholds::default(),
             train: TrainOptions::default(),
             connect_timeout: Duration::from_secs(2),
@@ -103,6 +106,7 @@ impl Config {
         for (name, value) in [
             ("--max-photos-per-enroll", self.max_photos_per_enroll),
             ("--max-training-jobs", self.max_training_jobs),
+            ("--max-concurrent-uploads", self.max_concurrent_uploads),
             ("--max-loaded-tenants", self.max_loaded_tenants),
         ] {
             if value == 0 {
@@ -216,6 +220,10 @@ pub struct Args {
     /// Training jobs running at once across all tenants.
     #[arg(long, env = "TAXON_MAX_TRAINING_JOBS", default_value_t = 2)]
     pub max_training_jobs: usize,
+    /// Enroll and ClassifyStream calls carrying images at once; more wait for a place (up to
+    /// their deadline), then get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TAXON_MAX_CONCURRENT_UPLOADS", default_value_t = 16)]
+    pub max_concurrent_uploads: usize,
     /// Seconds that requests in flight get to finish on SIGTERM before their streams are cut,
     /// and a running training job then gets to save its head.
     #[arg(long, env = "TAXON_SHUTDOWN_GRACE_S", default_value_t = 30.0)]
@@ -247,6 +255,7 @@ impl Args {
         c.shutdown_grace = seconds("--shutdown-grace-s", self.shutdown_grace_s)?;
         c.max_inflight_bytes = self.max_inflight_bytes;
         c.max_training_jobs = self.max_training_jobs;
+        c.max_concurrent_uploads = self.max_concurrent_uploads;
         c.validate()?;
         Ok(c)
     }

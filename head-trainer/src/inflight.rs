@@ -8,6 +8,10 @@
 //! each open stream may hold one more decoded message (`--max-photo-bytes` + 1 MiB) that
 //! waits for admission; HTTP/2 flow control holds the rest on the caller's side.
 //!
+//! The photo a stream is reading before it can ask the budget is bounded by counting the
+//! streams themselves: at most `--max-concurrent-uploads` Enroll and ClassifyStream calls carry
+//! images at once ([`Uploads`]); more wait for a place, up to their deadline.
+//!
 //! Deadlock-free by construction for the callers here: an Enroll that must wait first sends
 //! the photos it holds to the feature-server (releasing their bytes), so nobody waits while
 //! holding a share that others need.
@@ -95,6 +99,45 @@ impl InflightBudget {
     }
 }
 
+/// Places for image-carrying streams (Enroll, ClassifyStream), so that the messages they read
+/// before admission are bounded too.
+#[derive(Clone, Debug)]
+pub struct Uploads {
+    places: Arc<Semaphore>,
+    limit: usize,
+}
+
+/// One stream's place, given back when the stream ends.
+#[derive(Debug)]
+pub struct UploadPlace {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Uploads {
+    /// `limit` streams at once (at least 1).
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            places: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// A place, waiting until `deadline` for one.
+    pub async fn enter(&self, deadline: Instant) -> Result<UploadPlace> {
+        let acquire = Arc::clone(&self.places).acquire_owned();
+        match tokio::time::timeout_at(deadline, acquire).await {
+            Ok(Ok(p)) => Ok(UploadPlace { _permit: p }),
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::Busy(format!(
+                "{} image streams are open (--max-concurrent-uploads {}) and none ended before \
+                 the deadline; retry later",
+                self.limit, self.limit
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -137,6 +180,28 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(held);
         waiter.await.unwrap().expect("admitted after the release");
+    }
+
+    #[tokio::test]
+    async fn a_stream_beyond_the_limit_waits_then_names_it() {
+        let uploads = Uploads::new(1);
+        let first = uploads
+            .enter(Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap();
+        let err = uploads
+            .enter(Instant::now() + Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("--max-concurrent-uploads 1"),
+            "{err}"
+        );
+        drop(first);
+        uploads
+            .enter(Instant::now() + Duration::from_secs(5))
+            .await
+            .expect("a place once the first stream ended");
     }
 
     #[test]

@@ -23,23 +23,39 @@ pub struct Session {
     tenant: Arc<Tenant>,
     model: Arc<Model>,
     caller_deadline: Option<Instant>,
+    /// A stream's place among the image-carrying streams (none for a single Classify).
+    _place: Option<crate::inflight::UploadPlace>,
 }
 
 impl Core {
     /// Classifies one image.
     pub async fn classify(&self, caller: &Caller, input: ClassifyInput) -> Result<Classification> {
-        let session = self.session(caller).await?;
+        let session = self.open_session(caller, None).await?;
         self.classify_in(&session, input).await
     }
 
-    /// Loads the caller's tenant for a run of [`Core::classify_in`] calls.
+    /// Loads the caller's tenant for a stream of [`Core::classify_in`] calls; the stream
+    /// takes one of the `--max-concurrent-uploads` places while it lives.
     pub async fn session(&self, caller: &Caller) -> Result<Session> {
+        let place = self
+            .uploads
+            .enter(self.deadline_within(caller.deadline))
+            .await?;
+        self.open_session(caller, Some(place)).await
+    }
+
+    async fn open_session(
+        &self,
+        caller: &Caller,
+        place: Option<crate::inflight::UploadPlace>,
+    ) -> Result<Session> {
         let model = self.model()?;
         let tenant = self.tenant(&caller.tenant, &model).await?;
         Ok(Session {
             tenant,
             model,
             caller_deadline: caller.deadline,
+            _place: place,
         })
     }
 

@@ -66,6 +66,7 @@ impl Core {
         mut photos: impl Stream<Item = Result<Photo>> + Send + Unpin,
     ) -> Result<Enrolled> {
         let deadline = self.deadline_within(caller.deadline);
+        let _place = self.uploads.enter(deadline).await?;
         let class = class_name(&start.class_name)?;
         let parent = match start.parent.as_deref() {
             None | Some("") => None,

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::features::{EmbeddingSource, Model};
 use crate::heads::HeadKind;
-use crate::inflight::InflightBudget;
+use crate::inflight::{InflightBudget, Uploads};
 use crate::store::Store;
 use crate::tenants::{Tenant, Tenants};
 use crate::trainer::Trainer;
@@ -40,6 +40,8 @@ pub struct Core {
     features: Arc<dyn EmbeddingSource>,
     /// Image bytes in flight across every request.
     budget: InflightBudget,
+    /// Places for image-carrying streams.
+    uploads: Uploads,
     /// Embeddings of recently classified photos.
     cache: Mutex<EmbeddingLru>,
 }
@@ -63,6 +65,7 @@ impl Core {
             config.share_embedding_cache,
         ));
         let budget = InflightBudget::new(config.max_inflight_bytes);
+        let uploads = Uploads::new(config.max_concurrent_uploads);
         Self {
             config,
             store,
@@ -70,6 +73,7 @@ impl Core {
             trainer,
             features,
             budget,
+            uploads,
             cache,
         }
     }

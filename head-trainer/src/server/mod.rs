@@ -94,9 +94,11 @@ pub async fn run_with_source(
         "head-trainer starting"
     );
     let grace = config.shutdown_grace;
-    // A photo up to twice the limit is still read, so that it is refused as one item (the
-    // rest of its stream goes on); a larger message ends its stream with the limit named.
-    let max_message = 2 * config.max_photo_bytes + (1 << 20);
+    // A photo a quarter over the limit (at least 1 MiB over) is still read, so that it is
+    // refused as one item and the rest of its stream goes on; a larger message ends its
+    // stream with the limit named. What streams read before admission is bounded by this
+    // times --max-concurrent-uploads (inflight.rs).
+    let max_message = config.max_photo_bytes + (config.max_photo_bytes / 4).max(1 << 20);
     let cut = CancellationToken::new();
     let core = Arc::new(Core::new(config, store, Arc::clone(&features)));
     let auth = Arc::new(auth);
