@@ -64,7 +64,11 @@ pub enum Error {
     /// The server is shutting down and takes no new work.
     #[error("shutting down")]
     ShuttingDown,
-    /// The embedded database failed.
+    /// The database cannot be reached (PostgreSQL down or restarting): retrying later works,
+    /// and nothing unacknowledged was written.
+    #[error("database unavailable: {0}")]
+    DatabaseUnavailable(String),
+    /// The database failed.
     #[error("store: {0}")]
     Store(String),
     /// Tensor code failed (shape bugs, corrupt head bytes).
@@ -97,6 +101,24 @@ store_error!(
     redb::CommitError
 );
 
+/// PostgreSQL: a lost connection (or none to be had) is UNAVAILABLE, so that callers retry
+/// while the database restarts; an error the server answered is the store failing.
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Self {
+        if e.as_db_error().is_some() {
+            Error::Store(e.to_string())
+        } else {
+            Error::DatabaseUnavailable(e.to_string())
+        }
+    }
+}
+
+impl From<r2d2_postgres::r2d2::Error> for Error {
+    fn from(e: r2d2_postgres::r2d2::Error) -> Self {
+        Error::DatabaseUnavailable(e.to_string())
+    }
+}
+
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::Corrupt(e.to_string())
@@ -123,7 +145,9 @@ impl Error {
                 Code::FailedPrecondition
             }
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
+            Error::Unavailable(_) | Error::DatabaseUnavailable(_) | Error::ShuttingDown => {
+                Code::Unavailable
+            }
             Error::Busy(_) => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Item { code, .. } => Code::from_i32(*code),

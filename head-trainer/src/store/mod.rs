@@ -12,8 +12,11 @@
 //! All methods block (they may fsync, or wait for the network); async callers run them on
 //! the blocking pool.
 
+mod postgres;
 mod redb;
+mod rules;
 
+pub use self::postgres::{HEADS_CHANNEL, PostgresStore};
 pub use self::redb::RedbStore;
 
 use crate::Result;

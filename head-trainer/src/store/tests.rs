@@ -24,10 +24,33 @@ fn redb() -> Redb {
     Redb(tempfile::tempdir().unwrap())
 }
 
+/// A PostgreSQL server of its own per test, so that tests run in parallel and a reopen is
+/// a new pool on the same database.
+struct Postgres(super::postgres::testdb::TestPostgres);
+
+impl Fixture for Postgres {
+    fn open(&self) -> Box<dyn Store> {
+        let timeout = std::time::Duration::from_secs(10);
+        Box::new(PostgresStore::connect(&self.0.url(), 2, timeout).unwrap())
+    }
+}
+
+/// `None` (skip) without PostgreSQL, outside CI; in CI a missing PostgreSQL fails.
+fn postgres() -> Option<Postgres> {
+    super::postgres::testdb::TestPostgres::start().map(Postgres)
+}
+
 macro_rules! for_every_store {
     ($($test:ident),* $(,)?) => {
         mod redb {
             $( #[test] fn $test() { super::$test(&super::redb()); } )*
+        }
+        mod postgres {
+            $( #[test] fn $test() {
+                if let Some(f) = super::postgres() {
+                    super::$test(&f);
+                }
+            } )*
         }
     };
 }

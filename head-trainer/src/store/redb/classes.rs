@@ -6,7 +6,7 @@ use ::redb::{ReadableTable, WriteTransaction};
 
 use super::schema::*;
 use super::{RedbStore, bump, read_taxonomy_w, set_counter};
-use crate::store::{EnrollOutcome, EnrollWrite, RemoveOutcome, encode_embedding};
+use crate::store::{EnrollOutcome, EnrollWrite, RemoveOutcome, encode_embedding, rules};
 use crate::{Error, Result};
 
 /// Creates the class (and its parent) if needed and adds the examples, in one transaction.
@@ -14,36 +14,9 @@ pub(super) fn enroll(s: &RedbStore, tenant: &str, w: &EnrollWrite<'_>) -> Result
     let txn = s.write()?;
     let outcome = {
         let taxonomy = read_taxonomy_w(&txn, tenant)?;
-        let parent_id = match w.parent {
-            None => None,
-            Some(p) => Some(match taxonomy.by_name(p) {
-                Some(c) if c.examples > 0 => {
-                    return Err(Error::Precondition(format!(
-                        "`{p}` has photos of its own, so it cannot be a parent"
-                    )));
-                }
-                Some(c) => c.id,
-                None => create_class(&txn, tenant, p, None)?,
-            }),
-        };
-        let class_id = match taxonomy.by_name(w.class_name) {
-            Some(c) if taxonomy.is_parent(c.id) => {
-                return Err(Error::Precondition(format!(
-                    "`{}` is a parent: enroll photos into one of its children",
-                    c.name
-                )));
-            }
-            Some(c) if parent_id.is_some() && c.parent != parent_id => {
-                return Err(Error::Precondition(format!(
-                    "`{}` already has parent `{}`",
-                    c.name,
-                    taxonomy.parent_name(c.id)
-                )));
-            }
-            Some(c) => c.id,
-            None => create_class(&txn, tenant, w.class_name, parent_id)?,
-        };
-        let parent_id = parent_id.or(taxonomy.classes.get(&class_id).and_then(|c| c.parent));
+        let (class_id, parent_id) = rules::enroll_ids(&taxonomy, w, |name, parent| {
+            create_class(&txn, tenant, name, parent)
+        })?;
         {
             let mut ex = txn.open_table(EXAMPLES)?;
             let mut emb = txn.open_table(EMBEDDINGS)?;
@@ -84,20 +57,7 @@ pub(super) fn remove_class(
     let txn = s.write()?;
     let outcome = {
         let taxonomy = read_taxonomy_w(&txn, tenant)?;
-        let root = taxonomy
-            .by_name(name)
-            .ok_or_else(|| Error::UnknownClass(name.to_string()))?;
-        if taxonomy.is_parent(root.id) && !recursive {
-            return Err(Error::Precondition(format!(
-                "`{name}` is a parent: set recursive to remove it with its children"
-            )));
-        }
-        let mut doomed = vec![root.id];
-        let mut i = 0;
-        while i < doomed.len() {
-            doomed.extend(taxonomy.children(doomed[i]).map(|c| c.id));
-            i += 1;
-        }
+        let doomed = rules::doomed(&taxonomy, name, recursive)?;
         let mut ex = txn.open_table(EXAMPLES)?;
         let mut hashes = Vec::new();
         for &id in &doomed {

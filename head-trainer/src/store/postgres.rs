@@ -1,0 +1,205 @@
+//! The shared [`Store`]: tenants, classes, examples, embeddings and heads as rows in
+//! PostgreSQL, for several head-trainers on one database.
+//!
+//! Why the synchronous `postgres` client (tokio-postgres underneath) with an r2d2 pool: the
+//! [`Store`] trait is synchronous and called from the blocking pool, as redb's is, so each
+//! method is one plain transaction on a pooled connection, and r2d2 re-checks connections so
+//! that the pool heals by itself after the database restarts. Not sqlx: its compile-time
+//! checked queries need a database (or committed query metadata) at build time, and it brings
+//! a second async runtime layer we do not need.
+//!
+//! Every method is one transaction; every write first locks the tenant's row, so writes of
+//! one tenant are serialised exactly as redb's single writer serialises them (and the
+//! counters move the same way), while other tenants write in parallel. A lost connection is
+//! `DatabaseUnavailable` (UNAVAILABLE): the caller retries, and nothing unacknowledged was
+//! committed. A saved head is announced with `NOTIFY taxon_heads` in its own transaction, so
+//! that a listener never hears of a head it cannot read yet.
+
+mod classes;
+mod migrations;
+#[cfg(test)]
+pub(crate) mod testdb;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use postgres::{GenericClient, IsolationLevel, NoTls};
+use r2d2_postgres::PostgresConnectionManager;
+use r2d2_postgres::r2d2::{Pool, PooledConnection};
+
+use super::{EnrollOutcome, EnrollWrite, Hash, RemoveOutcome, Snapshot, Store, decode_embedding};
+use crate::taxonomy::{ClassEntry, Taxonomy};
+use crate::{Error, Result};
+
+/// The channel a saved head is announced on; the payload is `tenant kind version`.
+pub const HEADS_CHANNEL: &str = "taxon_heads";
+
+type Manager = PostgresConnectionManager<NoTls>;
+
+/// A pool of connections to one database.
+pub struct PostgresStore {
+    pool: Pool<Manager>,
+}
+
+impl PostgresStore {
+    /// Connects (`postgres://user:password@host:port/db` or `host=... user=...`), waiting at
+    /// most `timeout` for a connection, and applies the migrations the database lacks.
+    pub fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("database url: {e}")))?;
+        let pool = Pool::builder()
+            .max_size(max_connections.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(timeout)
+            .test_on_check_out(true)
+            .build(PostgresConnectionManager::new(config, NoTls))?;
+        migrations::apply(&mut *pool.get()?)?;
+        Ok(Self { pool })
+    }
+
+    fn client(&self) -> Result<PooledConnection<Manager>> {
+        Ok(self.pool.get()?)
+    }
+}
+
+/// A tenant's counters, read with its row locked for the rest of the transaction.
+struct Counters {
+    head_seq: i64,
+}
+
+/// Creates the tenant's row if needed and locks it until the transaction ends: the one lock
+/// every write of the tenant takes first.
+fn lock_tenant(tx: &mut impl GenericClient, tenant: &str) -> Result<Counters> {
+    tx.execute(
+        "INSERT INTO tenants (tenant) VALUES ($1) ON CONFLICT (tenant) DO NOTHING",
+        &[&tenant],
+    )?;
+    let row = tx.query_one(
+        "SELECT head_seq FROM tenants WHERE tenant = $1 FOR UPDATE",
+        &[&tenant],
+    )?;
+    Ok(Counters {
+        head_seq: row.get(0),
+    })
+}
+
+fn id(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or_default()
+}
+
+/// The tenant's classes with their example counts, and its counters.
+fn read_taxonomy(c: &mut impl GenericClient, tenant: &str) -> Result<Taxonomy> {
+    let mut t = Taxonomy::default();
+    if let Some(row) = c.query_opt(
+        "SELECT seq, revision, prototype_version FROM tenants WHERE tenant = $1",
+        &[&tenant],
+    )? {
+        t.seq = id(row.get(0));
+        t.revision = id(row.get(1));
+        t.prototype_version = id(row.get(2));
+    }
+    let rows = c.query(
+        "SELECT c.id, c.name, c.parent,
+                (SELECT count(*) FROM examples e WHERE e.tenant = c.tenant AND e.class_id = c.id)
+         FROM classes c WHERE c.tenant = $1",
+        &[&tenant],
+    )?;
+    for row in rows {
+        let class = id(row.get(0));
+        let examples: i64 = row.get(3);
+        t.classes.insert(
+            class,
+            ClassEntry {
+                id: class,
+                name: row.get(1),
+                parent: row.get::<_, Option<i64>>(2).map(id),
+                examples: u32::try_from(examples).unwrap_or(u32::MAX),
+            },
+        );
+    }
+    Ok(t)
+}
+
+impl Store for PostgresStore {
+    fn snapshot(&self, tenant: &str, model: Option<&str>) -> Result<Snapshot> {
+        let mut client = self.client()?;
+        // One snapshot of the database for the taxonomy and the examples.
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let taxonomy = read_taxonomy(&mut tx, tenant)?;
+        let mut examples = Vec::new();
+        if let Some(model) = model {
+            let rows = tx.query(
+                "SELECT e.class_id, m.vector FROM examples e
+                 JOIN embeddings m ON m.tenant = e.tenant AND m.hash = e.hash AND m.model = $2
+                 WHERE e.tenant = $1 ORDER BY e.class_id, e.hash",
+                &[&tenant, &model],
+            )?;
+            for row in rows {
+                let v: &[u8] = row.get(1);
+                examples.push((id(row.get(0)), decode_embedding(v)));
+            }
+        }
+        tx.commit()?;
+        Ok(Snapshot { taxonomy, examples })
+    }
+
+    fn embedding(&self, tenant: &str, hash: &Hash, model: &str) -> Result<Option<Vec<f32>>> {
+        let row = self.client()?.query_opt(
+            "SELECT vector FROM embeddings WHERE tenant = $1 AND hash = $2 AND model = $3",
+            &[&tenant, &&hash[..], &model],
+        )?;
+        Ok(row.map(|r| decode_embedding(r.get::<_, &[u8]>(0))))
+    }
+
+    fn enroll(&self, tenant: &str, w: &EnrollWrite<'_>) -> Result<EnrollOutcome> {
+        classes::enroll(&mut *self.client()?, tenant, w)
+    }
+
+    fn remove_class(&self, tenant: &str, name: &str, recursive: bool) -> Result<RemoveOutcome> {
+        classes::remove_class(&mut *self.client()?, tenant, name, recursive)
+    }
+
+    fn rename_class(&self, tenant: &str, name: &str, new_name: &str) -> Result<()> {
+        classes::rename_class(&mut *self.client()?, tenant, name, new_name)
+    }
+
+    fn save_head(
+        &self,
+        tenant: &str,
+        kind: &str,
+        encode: &mut dyn FnMut(u64) -> Result<Vec<u8>>,
+    ) -> Result<u64> {
+        let mut client = self.client()?;
+        let mut tx = client.transaction()?;
+        let counters = lock_tenant(&mut tx, tenant)?;
+        let version = counters.head_seq + 1;
+        tx.execute(
+            "UPDATE tenants SET head_seq = $2, seq = seq + 1 WHERE tenant = $1",
+            &[&tenant, &version],
+        )?;
+        let bytes = encode(id(version))?;
+        tx.execute(
+            "INSERT INTO heads (tenant, kind, version, bytes) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant, kind) DO UPDATE SET version = $3, bytes = $4",
+            &[&tenant, &kind, &version, &bytes],
+        )?;
+        let payload = format!("{tenant} {kind} {version}");
+        tx.execute("SELECT pg_notify($1, $2)", &[&HEADS_CHANNEL, &payload])?;
+        tx.commit()?;
+        Ok(id(version))
+    }
+
+    fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let rows = self.client()?.query(
+            "SELECT kind, bytes FROM heads WHERE tenant = $1 ORDER BY kind",
+            &[&tenant],
+        )?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}

@@ -1,0 +1,74 @@
+//! The rules every store applies before it writes, decided from the tenant's taxonomy as
+//! read inside the write's own transaction: one copy, so that two stores cannot drift apart
+//! on what an enroll or a remove may do.
+
+use super::EnrollWrite;
+use crate::taxonomy::Taxonomy;
+use crate::{Error, Result};
+
+/// The class of an enroll and its parent as ids, created with `create(name, parent)` where
+/// new. Everything is checked before anything is created: a parent with photos of its own,
+/// photos into a parent, or a class that already has another parent refuse the enroll.
+pub(crate) fn enroll_ids(
+    t: &Taxonomy,
+    w: &EnrollWrite<'_>,
+    mut create: impl FnMut(&str, Option<u64>) -> Result<u64>,
+) -> Result<(u64, Option<u64>)> {
+    let parent = match w.parent {
+        None => None,
+        Some(p) => match t.by_name(p) {
+            Some(c) if c.examples > 0 => {
+                return Err(Error::Precondition(format!(
+                    "`{p}` has photos of its own, so it cannot be a parent"
+                )));
+            }
+            found => Some((p, found.map(|c| c.id))),
+        },
+    };
+    let class = match t.by_name(w.class_name) {
+        Some(c) if t.is_parent(c.id) => {
+            return Err(Error::Precondition(format!(
+                "`{}` is a parent: enroll photos into one of its children",
+                c.name
+            )));
+        }
+        // A new parent is never the parent an existing class already has.
+        Some(c) if parent.is_some_and(|(_, id)| id.is_none() || c.parent != id) => {
+            return Err(Error::Precondition(format!(
+                "`{}` already has parent `{}`",
+                c.name,
+                t.parent_name(c.id)
+            )));
+        }
+        found => found.map(|c| (c.id, c.parent)),
+    };
+    let parent_id = match parent {
+        None => None,
+        Some((_, Some(id))) => Some(id),
+        Some((name, None)) => Some(create(name, None)?),
+    };
+    Ok(match class {
+        Some((id, own_parent)) => (id, parent_id.or(own_parent)),
+        None => (create(w.class_name, parent_id)?, parent_id),
+    })
+}
+
+/// The classes a remove deletes: the class, and its children when `recursive` (a parent
+/// without it is refused).
+pub(crate) fn doomed(t: &Taxonomy, name: &str, recursive: bool) -> Result<Vec<u64>> {
+    let root = t
+        .by_name(name)
+        .ok_or_else(|| Error::UnknownClass(name.to_string()))?;
+    if t.is_parent(root.id) && !recursive {
+        return Err(Error::Precondition(format!(
+            "`{name}` is a parent: set recursive to remove it with its children"
+        )));
+    }
+    let mut doomed = vec![root.id];
+    let mut i = 0;
+    while i < doomed.len() {
+        doomed.extend(t.children(doomed[i]).map(|c| c.id));
+        i += 1;
+    }
+    Ok(doomed)
+}
