@@ -7,7 +7,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -156,30 +155,9 @@ pub fn small_config() -> Config {
     }
 }
 
-/// A deterministic RGB picture: gradients shifted by `seed`.
-pub fn picture(width: u32, height: u32, seed: u32) -> image::RgbImage {
-    image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([
-            ((x * 7 + seed * 31) % 256) as u8,
-            ((y * 5 + seed * 17) % 256) as u8,
-            ((x + y + seed * 3) % 256) as u8,
-        ])
-    })
-}
-
-pub fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, format).expect("encode");
-    out.into_inner()
-}
-
-pub fn png(width: u32, height: u32, seed: u32) -> Vec<u8> {
-    encode(&picture(width, height, seed), image::ImageFormat::Png)
-}
-
-pub fn jpeg(width: u32, height: u32, seed: u32) -> Vec<u8> {
-    encode(&picture(width, height, seed), image::ImageFormat::Jpeg)
-}
+pub mod images;
+#[allow(unused_imports)] // each test binary uses its own few of them
+pub use images::{encode, jpeg, picture, png};
 
 pub fn request(id: impl Into<String>, image: Vec<u8>) -> EmbedRequest {
     EmbedRequest {
