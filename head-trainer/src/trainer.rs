@@ -103,6 +103,9 @@ impl Trainer {
         let (store, opts) = (Arc::clone(&self.store), self.opts.clone());
         let (name, model) = (tenant.name.clone(), model.to_string());
         let head = tokio::task::spawn_blocking(move || -> Result<Head> {
+            // One job per tenant across every head-trainer on a shared store, taken before
+            // the snapshot so that a job that waited trains on what the other one saw too.
+            let _one_replica = store.training_lock(&name)?;
             let started = Instant::now();
             let snap = store.snapshot(&name, Some(&model))?;
             if snap.examples.is_empty() {

@@ -100,6 +100,37 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every stored head of the tenant, as (kind, bytes).
     fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>>;
+
+    /// Waits until no other head-trainer on this store trains the tenant, and holds that
+    /// until the lock is dropped: one training job per tenant across every replica. A store
+    /// that only one process can open needs none (the trainer serialises jobs in-process).
+    fn training_lock(&self, tenant: &str) -> Result<TrainingLock> {
+        let _ = tenant;
+        Ok(TrainingLock::none())
+    }
+}
+
+/// A held [`Store::training_lock`], released on drop (or when its process dies).
+pub struct TrainingLock(Option<Box<dyn FnOnce() + Send>>);
+
+impl TrainingLock {
+    /// Nothing to release.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Runs `release` when dropped.
+    pub fn releasing(release: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(release)))
+    }
+}
+
+impl Drop for TrainingLock {
+    fn drop(&mut self) {
+        if let Some(release) = self.0.take() {
+            release();
+        }
+    }
 }
 
 /// Embeddings are stored as raw little-endian f32: compact, and decoding is a plain copy.

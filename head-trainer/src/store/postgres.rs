@@ -28,7 +28,10 @@ use postgres::{GenericClient, IsolationLevel, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
 use r2d2_postgres::r2d2::{Pool, PooledConnection};
 
-use super::{EnrollOutcome, EnrollWrite, Hash, RemoveOutcome, Snapshot, Store, decode_embedding};
+use super::{
+    EnrollOutcome, EnrollWrite, Hash, RemoveOutcome, Snapshot, Store, TrainingLock,
+    decode_embedding,
+};
 use crate::taxonomy::{ClassEntry, Taxonomy};
 use crate::{Error, Result};
 
@@ -36,6 +39,10 @@ use crate::{Error, Result};
 pub const HEADS_CHANNEL: &str = "taxon_heads";
 
 type Manager = PostgresConnectionManager<NoTls>;
+
+/// First key of the per-tenant training locks (the second is a hash of the tenant), so that
+/// they never collide with another application's advisory locks on the same database.
+const TRAINING_LOCKS: i32 = 0x7461_786e;
 
 /// A pool of connections to one database.
 pub struct PostgresStore {
@@ -193,6 +200,27 @@ impl Store for PostgresStore {
         tx.execute("SELECT pg_notify($1, $2)", &[&HEADS_CHANNEL, &payload])?;
         tx.commit()?;
         Ok(id(version))
+    }
+
+    /// A session advisory lock on a connection of its own: PostgreSQL releases it when the
+    /// connection ends, so a head-trainer killed mid-training frees its tenants at once.
+    fn training_lock(&self, tenant: &str) -> Result<TrainingLock> {
+        let mut client = self.client()?;
+        client.execute(
+            "SELECT pg_advisory_lock($1, hashtext($2))",
+            &[&TRAINING_LOCKS, &tenant],
+        )?;
+        let tenant = tenant.to_string();
+        Ok(TrainingLock::releasing(move || {
+            let unlocked = client.execute(
+                "SELECT pg_advisory_unlock($1, hashtext($2))",
+                &[&TRAINING_LOCKS, &tenant],
+            );
+            if let Err(e) = unlocked {
+                // The connection is gone, and the lock with it.
+                tracing::debug!(tenant, error = %e, "training lock released with its connection");
+            }
+        }))
     }
 
     fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>> {

@@ -87,3 +87,33 @@ fn the_store_recovers_by_itself_after_the_database_restarts() {
     assert_eq!(snap.examples, vec![(acknowledged.class_id, vec![1.0; 4])]);
     store.enroll("acme", &write).unwrap();
 }
+
+#[test]
+fn one_training_lock_per_tenant_across_stores() {
+    let Some(pg) = TestPostgres::start() else {
+        return;
+    };
+    let (a, b) = (
+        connect(&pg, Duration::from_secs(10)),
+        std::sync::Arc::new(connect(&pg, Duration::from_secs(10))),
+    );
+    let held = a.training_lock("acme").unwrap();
+    drop(b.training_lock("other").unwrap()); // another tenant is not held up
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn({
+        let b = std::sync::Arc::clone(&b);
+        move || {
+            let lock = b.training_lock("acme").unwrap();
+            tx.send(()).unwrap();
+            drop(lock);
+        }
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a second replica took the tenant's training lock while it was held"
+    );
+    drop(held);
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the lock was not handed over once released");
+    waiter.join().unwrap();
+}
