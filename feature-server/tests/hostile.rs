@@ -28,7 +28,6 @@ fn vm_hwm_kib() -> u64 {
         .expect("VmHWM")
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_images_fail_alone_and_memory_stays_bounded() {
     let started = Instant::now();

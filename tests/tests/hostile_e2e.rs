@@ -63,26 +63,42 @@ async fn hostile_images_through_the_head_trainer_fail_alone() {
     let good: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| (format!("plain-{i}"), jpeg(200 + 8 * i, 150, i)))
         .collect();
-    within("enroll", client.enroll(tokio_stream::iter(enroll_request("plain", good))))
-        .await
-        .expect("a plain class");
+    within(
+        "enroll",
+        client.enroll(tokio_stream::iter(enroll_request("plain", good))),
+    )
+    .await
+    .expect("a plain class");
     let mut mixed = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        mixed.push((format!("good-{i}"), jpeg(160 + 8 * i as u32, 120, 100 + i as u32)));
+        mixed.push((
+            format!("good-{i}"),
+            jpeg(160 + 8 * i as u32, 120, 100 + i as u32),
+        ));
         mixed.push((c.name.to_string(), c.bytes.clone()));
     }
-    let enrolled = within("hostile enroll", client.enroll(tokio_stream::iter(enroll_request("mixed", mixed))))
-        .await
-        .expect("the enroll succeeds as a whole")
-        .into_inner();
+    let enrolled = within(
+        "hostile enroll",
+        client.enroll(tokio_stream::iter(enroll_request("mixed", mixed))),
+    )
+    .await
+    .expect("the enroll succeeds as a whole")
+    .into_inner();
     let rejected: BTreeMap<String, String> = enrolled
         .rejected
         .iter()
         .map(|r| (r.id.clone(), r.message.clone()))
         .collect();
-    println!("Enroll: {} accepted, {} rejected", enrolled.accepted, rejected.len());
+    println!(
+        "Enroll: {} accepted, {} rejected",
+        enrolled.accepted,
+        rejected.len()
+    );
     for (i, c) in cases.iter().enumerate() {
-        assert!(!rejected.contains_key(&format!("good-{i}")), "good photo {i} rejected");
+        assert!(
+            !rejected.contains_key(&format!("good-{i}")),
+            "good photo {i} rejected"
+        );
         match (c.expect, rejected.get(c.name)) {
             (Expect::Embedding, Some(m)) => panic!("{} rejected: {m}", c.name),
             (Expect::Error(needle), None) => panic!("{} accepted, expected `{needle}`", c.name),
@@ -113,7 +129,10 @@ async fn hostile_images_through_the_head_trainer_fail_alone() {
         .expect("stream opened")
         .into_inner();
     let mut answers = BTreeMap::new();
-    while let Some(m) = within("stream answers", stream.message()).await.expect("stream stays up") {
+    while let Some(m) = within("stream answers", stream.message())
+        .await
+        .expect("stream stays up")
+    {
         answers.insert(m.id.clone(), m.result);
     }
     assert_eq!(answers.len(), 2 * cases.len(), "every item answered once");
