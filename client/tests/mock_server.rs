@@ -262,9 +262,11 @@ async fn serve(mock: Mock) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    for service in ["", "taxon.v1.Classifier"] {
+        reporter
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)

@@ -15,8 +15,14 @@ use crate::{Ctx, Outcome};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The service to ask about; the whole server when empty.
-    #[arg(long, default_value = "")]
+    /// The service to ask about: by default the head-trainer's readiness (SERVING once a
+    /// feature-server answers it, so enrolls and classifies work); `""` for liveness only
+    /// (the process serves), `taxon.v1.Features` for a feature-server.
+    #[arg(
+        long,
+        env = "TAXON_HEALTH_SERVICE",
+        default_value = "taxon.v1.Classifier"
+    )]
     pub service: String,
     /// Keep asking for up to this many seconds until the server is SERVING.
     #[arg(long, value_name = "SECS", default_value_t = 0)]
