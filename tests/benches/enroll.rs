@@ -151,7 +151,7 @@ async fn live_and_latency(weights: PathBuf, pets: PathBuf) {
         return;
     }
     let ht = start_head_trainer(head_trainer::Config::new(vec![fs.url()], dir.path())).await;
-    wait_serving(ht.addr, "").await;
+    wait_serving(ht.addr, "taxon.v1.Classifier").await;
     let mut c = classifier(ht.addr);
     let md: &[(&'static str, &str)] = &[("x-tenant", "bench")];
     let all = breeds(&pets);

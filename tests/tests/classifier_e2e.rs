@@ -306,7 +306,7 @@ async fn restart_serves_the_same_classes_and_head() {
     let md: &[(&'static str, &str)] = &[("x-tenant", "restart")];
     let (version, before) = {
         let ht = start_head_trainer(config(dir.path())).await;
-        wait_serving(ht.addr, "").await;
+        wait_serving(ht.addr, "taxon.v1.Classifier").await;
         let mut c = classifier(ht.addr);
         let last = enroll_taxonomy(&mut c, md).await;
         let r = classify(&mut c, md, png(Pattern::Solid, BLUE, 90), "")
@@ -316,7 +316,7 @@ async fn restart_serves_the_same_classes_and_head() {
         (last.head_version, r)
     };
     let ht = start_head_trainer(config(dir.path())).await;
-    wait_serving(ht.addr, "").await;
+    wait_serving(ht.addr, "taxon.v1.Classifier").await;
     let mut c = classifier(ht.addr);
     let l = list(&mut c, md).await;
     assert_eq!((l.head.as_str(), l.head_version), ("combined", version));
@@ -340,7 +340,7 @@ async fn tenants_are_isolated_and_tokens_decide_the_tenant() {
     let mut cfg = config(&dir.path().join("data"));
     cfg.tokens_file = Some(tokens);
     let ht = start_head_trainer(cfg).await;
-    wait_serving(ht.addr, "").await;
+    wait_serving(ht.addr, "taxon.v1.Classifier").await;
     let mut c = classifier(ht.addr);
     let alpha: &[(&'static str, &str)] = &[("authorization", "Bearer alpha-secret")];
     // The header cannot pick another tenant: the token decides.
@@ -431,7 +431,7 @@ async fn list_err(c: &mut Client, md: &[(&'static str, &str)]) -> tonic::Status 
 async fn bad_input_gets_clear_codes_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ht = start_head_trainer(config(dir.path())).await;
-    wait_serving(ht.addr, "").await;
+    wait_serving(ht.addr, "taxon.v1.Classifier").await;
     let mut c = classifier(ht.addr);
     let md: &[(&'static str, &str)] = &[("x-tenant", "bad")];
 
@@ -599,7 +599,7 @@ async fn feature_server_down_fails_fast_and_writes_nothing() {
     let mut cfg = config(dir.path());
     cfg.features_urls = vec![fs.url()];
     let ht = start_head_trainer(cfg.clone()).await;
-    wait_serving(ht.addr, "").await;
+    wait_serving(ht.addr, "taxon.v1.Classifier").await;
     let mut c = classifier(ht.addr);
     let md: &[(&'static str, &str)] = &[("x-tenant", "down")];
     enroll(
@@ -691,9 +691,14 @@ async fn feature_server_down_fails_fast_and_writes_nothing() {
     .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Not ready (no feature-server answers), but alive: an orchestrator must not restart it.
+    assert_eq!(
+        health(ht.addr, "taxon.v1.Classifier").await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
     assert_eq!(
         health(ht.addr, "").await,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing
+        tonic_health::pb::health_check_response::ServingStatus::Serving
     );
     ht.stop().await;
 }
@@ -752,7 +757,7 @@ async fn sigkill_during_enroll_loses_nothing_acknowledged() {
         }
     });
     let addr = within("the child to listen", addr_rx).await.unwrap();
-    wait_serving(addr, "").await;
+    wait_serving(addr, "taxon.v1.Classifier").await;
     let mut c = classifier(addr);
     let md: &[(&'static str, &str)] = &[("x-tenant", "crash")];
     enroll(
@@ -804,7 +809,7 @@ async fn sigkill_during_enroll_loses_nothing_acknowledged() {
 
     // Restart on the same data: the store opens cleanly, acknowledged state intact.
     let ht = start_head_trainer(config(dir.path())).await;
-    wait_serving(ht.addr, "").await;
+    wait_serving(ht.addr, "taxon.v1.Classifier").await;
     let mut c = classifier(ht.addr);
     let l = list(&mut c, md).await;
     let names: Vec<(String, u32)> = l
