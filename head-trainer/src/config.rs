@@ -14,8 +14,12 @@ use crate::heads::{HeadKind, TrainOptions};
 pub struct Config {
     /// Feature-server URLs, balanced over.
     pub features_urls: Vec<String>,
-    /// Directory of the store (`taxon.redb`).
+    /// Directory of the embedded store (`taxon.redb`); unused with `database_url`.
     pub data_dir: PathBuf,
+    /// PostgreSQL instead of the embedded store: several head-trainers share one database.
+    pub database_url: Option<String>,
+    /// Pool size, connection timeout and TLS trust for `database_url`.
+    pub database: crate::store::PoolOptions,
     /// File of `token tenant` lines; when set, every request needs a valid bearer token.
     pub tokens_file: Option<PathBuf>,
     /// The head kind that becomes live once trained (and that Enroll trains). `combined` by
@@ -53,6 +57,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Between two probes of the feature-servers (readiness).
     pub probe_interval: Duration,
+    /// Between two DNS lookups of the feature-server names (scaling follows it).
+    pub resolve_interval: Duration,
     /// Longest an Enroll with `wait_for_head` waits for the trained head.
     pub wait_for_head_timeout: Duration,
     /// On shutdown, how long requests in flight may take to finish before their streams are
@@ -67,6 +73,8 @@ impl Config {
         Self {
             features_urls,
             data_dir: data_dir.into(),
+            database_url: None,
+            database: crate::store::PoolOptions::default(),
             tokens_file: None,
             default_head: HeadKind::Combined,
             classify_cache_entries: 8192,
@@ -83,6 +91,7 @@ impl Config {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(120),
             probe_interval: Duration::from_secs(2),
+            resolve_interval: Duration::from_secs(5),
             wait_for_head_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -108,6 +117,10 @@ impl Config {
             ("--max-training-jobs", self.max_training_jobs),
             ("--max-concurrent-uploads", self.max_concurrent_uploads),
             ("--max-loaded-tenants", self.max_loaded_tenants),
+            (
+                "--database-max-connections",
+                self.database.max_connections as usize,
+            ),
         ] {
             if value == 0 {
                 return bad(format!("{name} must be at least 1"));
@@ -117,6 +130,8 @@ impl Config {
             ("--connect-timeout-s", self.connect_timeout),
             ("--request-timeout-s", self.request_timeout),
             ("--probe-interval-s", self.probe_interval),
+            ("--resolve-interval-s", self.resolve_interval),
+            ("--database-timeout-s", self.database.timeout),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be more than 0"));
@@ -158,9 +173,26 @@ pub struct Args {
         required = true
     )]
     pub features_url: Vec<String>,
-    /// Directory of the store.
+    /// Directory of the embedded store (one head-trainer); unused with --database-url.
     #[arg(long, env = "TAXON_DATA", default_value = "./data")]
     pub data: PathBuf,
+    /// PostgreSQL store shared by several head-trainers, instead of --data:
+    /// `postgres://user:password@host:5432/db?sslmode=require`. `sslmode` is disable, prefer
+    /// (the default: TLS when the server offers it) or require; the certificate is always
+    /// verified (see --database-ca-file).
+    #[arg(long, env = "TAXON_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// PEM file of the CA that signs the database's certificate (a managed database's own
+    /// CA); the system's trust store otherwise.
+    #[arg(long, env = "TAXON_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+    /// Connections to the database at most (one per request in a transaction, one more per
+    /// training job while it trains).
+    #[arg(long, env = "TAXON_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+    /// Seconds to wait for a database connection before a request fails with UNAVAILABLE.
+    #[arg(long, env = "TAXON_DATABASE_TIMEOUT_S", default_value_t = 5.0)]
+    pub database_timeout_s: f64,
     /// File of `token tenant` lines: when given, requests need `authorization: Bearer <token>`.
     #[arg(long, env = "TAXON_TOKENS")]
     pub tokens: Option<PathBuf>,
@@ -213,6 +245,10 @@ pub struct Args {
     /// Seconds between two probes of the feature-servers; readiness follows the last answer.
     #[arg(long, env = "TAXON_PROBE_INTERVAL_S", default_value_t = 2.0)]
     pub probe_interval_s: f64,
+    /// Seconds between two DNS lookups of the --features-url names: a name that resolves to
+    /// more (or fewer) addresses is balanced over them without a restart.
+    #[arg(long, env = "TAXON_RESOLVE_INTERVAL_S", default_value_t = 5.0)]
+    pub resolve_interval_s: f64,
     /// Image bytes held at once across all Enroll and Classify calls; beyond it callers wait
     /// (up to their deadline), then get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TAXON_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20)]
@@ -235,6 +271,12 @@ impl Args {
     pub fn config(&self) -> crate::Result<Config> {
         let mut c = Config::new(self.features_url.clone(), self.data.clone());
         c.tokens_file = self.tokens.clone();
+        c.database_url = self.database_url.clone();
+        c.database = crate::store::PoolOptions {
+            max_connections: self.database_max_connections,
+            timeout: seconds("--database-timeout-s", self.database_timeout_s)?,
+            ca_file: self.database_ca_file.clone(),
+        };
         c.default_head = self.default_head.parse()?;
         c.classify_cache_entries = self.classify_cache_entries;
         c.max_loaded_tenants = self.max_loaded_tenants;
@@ -252,6 +294,7 @@ impl Args {
         c.connect_timeout = seconds("--connect-timeout-s", self.connect_timeout_s)?;
         c.request_timeout = seconds("--request-timeout-s", self.request_timeout_s)?;
         c.probe_interval = seconds("--probe-interval-s", self.probe_interval_s)?;
+        c.resolve_interval = seconds("--resolve-interval-s", self.resolve_interval_s)?;
         c.shutdown_grace = seconds("--shutdown-grace-s", self.shutdown_grace_s)?;
         c.max_inflight_bytes = self.max_inflight_bytes;
         c.max_training_jobs = self.max_training_jobs;

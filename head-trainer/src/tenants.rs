@@ -137,6 +137,21 @@ pub fn prototype_of(snap: &Snapshot, model: &str, opts: &TrainOptions) -> Result
     Ok(Some(head))
 }
 
+/// The tenant's stored heads by kind; an unreadable one is skipped (and logged), so that one
+/// bad row never makes the tenant unusable.
+pub fn stored_heads(store: &dyn Store, tenant: &str) -> Result<HashMap<HeadKind, Arc<Head>>> {
+    let mut trained = HashMap::new();
+    for (kind, bytes) in store.heads(tenant)? {
+        match Head::from_bytes(&bytes) {
+            Ok(h) => {
+                trained.insert(h.kind(), Arc::new(h));
+            }
+            Err(e) => tracing::warn!(tenant, kind, error = %e, "skipping unreadable head"),
+        }
+    }
+    Ok(trained)
+}
+
 /// The tenants in use, loaded from the store on first use and unloaded, least recently used
 /// first, when more than `max_loaded` are in memory. Everything a tenant holds is also in the
 /// store, so unloading loses nothing; without the bound, memory would grow with every tenant
@@ -213,19 +228,10 @@ impl Tenants {
         let set = tokio::task::spawn_blocking(move || -> Result<HeadSet> {
             let snap = store.snapshot(&tenant, Some(&model))?;
             let prototype = prototype_of(&snap, &model, &opts)?.map(Arc::new);
-            let mut trained = HashMap::new();
-            for (kind, bytes) in store.heads(&tenant)? {
-                match Head::from_bytes(&bytes) {
-                    Ok(h) => {
-                        trained.insert(h.kind(), Arc::new(h));
-                    }
-                    Err(e) => tracing::warn!(tenant, kind, error = %e, "skipping unreadable head"),
-                }
-            }
             Ok(HeadSet {
                 taxonomy: Arc::new(snap.taxonomy),
                 prototype,
-                trained,
+                trained: stored_heads(store.as_ref(), &tenant)?,
                 failed: None,
             })
         })
@@ -251,6 +257,71 @@ impl Tenants {
         self.touch(&t);
         map.insert(name.to_string(), Arc::clone(&t));
         Ok((t, true))
+    }
+
+    /// The loaded tenant of that name, if it is loaded.
+    pub fn loaded_one(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    /// Every loaded tenant.
+    pub fn loaded_all(&self) -> Vec<Arc<Tenant>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Brings a loaded tenant up to date with a store that other head-trainers write too:
+    /// when the tenant's write sequence moved past what is loaded, re-reads its taxonomy and
+    /// prototype, and its heads when a newer one was saved. True when something was re-read.
+    /// One round trip when nothing changed; nothing at all for a store only this process
+    /// writes (`versions` is `None`).
+    pub async fn sync(&self, tenant: &Arc<Tenant>, model: &str) -> Result<bool> {
+        let known = tenant.current();
+        let known_head = known
+            .trained
+            .values()
+            .map(|h| h.meta.version)
+            .chain([known.taxonomy.prototype_version])
+            .max()
+            .unwrap_or(0);
+        let known_seq = known.taxonomy.seq;
+        let store = Arc::clone(&self.store);
+        let (name, model, opts) = (tenant.name.clone(), model.to_string(), self.opts.clone());
+        let fresh = tokio::task::spawn_blocking(move || -> Result<_> {
+            let Some(now) = store.versions(&name)? else {
+                return Ok(None);
+            };
+            if now.seq <= known_seq {
+                return Ok(None);
+            }
+            let snap = store.snapshot(&name, Some(&model))?;
+            let prototype = prototype_of(&snap, &model, &opts)?;
+            let heads = if now.head_seq > known_head {
+                stored_heads(store.as_ref(), &name)?
+            } else {
+                HashMap::new()
+            };
+            Ok(Some((snap.taxonomy, prototype, heads)))
+        })
+        .await
+        .map_err(|e| Error::Store(format!("syncing tenant: {e}")))??;
+        let Some((taxonomy, prototype, heads)) = fresh else {
+            return Ok(false);
+        };
+        tracing::debug!(tenant = %tenant.name, seq = taxonomy.seq, heads = heads.len(), "re-read a tenant another replica changed");
+        tenant.publish_taxonomy(taxonomy, prototype);
+        for head in heads.into_values() {
+            tenant.publish_head(Arc::unwrap_or_clone(head));
+        }
+        Ok(true)
     }
 
     /// Re-reads the tenant after a write and publishes the new taxonomy and prototype.

@@ -8,17 +8,27 @@
 //! publishes it. The Train RPC runs through the same per-tenant lock. At most
 //! `max_jobs` jobs train at once across all tenants (a semaphore): each takes a core while it
 //! runs, and a burst of tenants enrolling must not take every core from classification.
+//!
+//! On a store shared by several head-trainers, a job first takes the tenant's lock in the
+//! store ([`Store::try_training_lock`]), asking again every `REPLICA_LOCK_POLL` while another
+//! replica holds it (holding no connection and no job slot meanwhile). A scheduled job that
+//! then finds a stored head already trained on the current examples (the other replica's)
+//! publishes that one instead of training again; if the other replica died mid-job, its lock
+//! died with its connection, and this job trains.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::heads::{Head, HeadKind, TrainOptions, TrainSet};
-use crate::store::Store;
-use crate::tenants::Tenant;
+use crate::store::{Store, TrainingLock};
+use crate::tenants::{Tenant, stored_heads};
 use crate::{Error, Result};
+
+/// Between two attempts at a tenant's training lock that another replica holds.
+const REPLICA_LOCK_POLL: Duration = Duration::from_millis(200);
 
 /// Schedules and runs training jobs.
 pub struct Trainer {
@@ -70,7 +80,7 @@ impl Trainer {
                     break;
                 }
                 let kind = this.default_kind;
-                if let Err(e) = this.train(&tenant, &model, kind).await {
+                if let Err(e) = this.run(&tenant, &model, kind, true).await {
                     tracing::warn!(tenant = %tenant.name, %kind, error = %e, "training failed");
                     let revision = tenant.current().taxonomy.revision;
                     tenant.publish_failure(revision, e.to_string());
@@ -97,26 +107,47 @@ impl Trainer {
         model: &str,
         kind: HeadKind,
     ) -> Result<Arc<Head>> {
+        self.run(tenant, model, kind, false).await
+    }
+
+    /// One job. With `reuse_current`, a stored head of `kind` already trained on the current
+    /// examples (by another replica) is published instead of training a new one.
+    async fn run(
+        &self,
+        tenant: &Arc<Tenant>,
+        model: &str,
+        kind: HeadKind,
+        reuse_current: bool,
+    ) -> Result<Arc<Head>> {
         let _one_at_a_time = tenant.train_lock.lock().await;
+        let one_replica = self.replica_lock(&tenant.name).await?;
         let _a_core = self.jobs.acquire().await.map_err(|_| Error::ShuttingDown)?;
         let previous = tenant.current().trained.get(&kind).cloned();
         let (store, opts) = (Arc::clone(&self.store), self.opts.clone());
         let (name, model) = (tenant.name.clone(), model.to_string());
-        let head = tokio::task::spawn_blocking(move || -> Result<Head> {
-            // One job per tenant across every head-trainer on a shared store, taken before
-            // the snapshot so that a job that waited trains on what the other one saw too.
-            let _one_replica = store.training_lock(&name)?;
+        let head = tokio::task::spawn_blocking(move || -> Result<Arc<Head>> {
+            // Released here, off the reactor: releasing is a round trip to the database.
+            let _one_replica = one_replica;
             let started = Instant::now();
             let snap = store.snapshot(&name, Some(&model))?;
             if snap.examples.is_empty() {
                 return Err(Error::NoClasses(name));
+            }
+            if reuse_current && kind.is_trained() {
+                let current = stored_heads(store.as_ref(), &name)?
+                    .remove(&kind)
+                    .filter(|h| h.meta.revision >= snap.taxonomy.revision && h.meta.model == model);
+                if let Some(head) = current {
+                    tracing::info!(tenant = %name, %kind, version = head.meta.version, "head already trained on these examples (by another replica)");
+                    return Ok(head);
+                }
             }
             let ts = TrainSet::new(&model, &snap.examples, |c| snap.taxonomy.group_of(c))?;
             let mut head = Head::train(kind, &ts, previous.as_deref(), &opts)?;
             head.meta.revision = snap.taxonomy.revision;
             if kind == HeadKind::Prototype {
                 head.meta.version = snap.taxonomy.prototype_version;
-                return Ok(head);
+                return Ok(Arc::new(head));
             }
             let version = store.save_head(&name, kind.as_str(), &mut |v| {
                 head.meta.version = v;
@@ -128,15 +159,37 @@ impl Trainer {
                 steps = head.meta.steps, train_ms = head.meta.train_ms,
                 job_ms = started.elapsed().as_secs_f64() * 1e3, "head trained"
             );
-            Ok(head)
+            Ok(Arc::new(head))
         })
         .await
         .map_err(|e| Error::Store(format!("training task: {e}")))??;
         if kind == HeadKind::Prototype {
-            return Ok(Arc::new(head));
+            return Ok(head);
         }
-        tenant.publish_head(head);
+        tenant.publish_head(Arc::unwrap_or_clone(head));
         tenant.current().head(kind)
+    }
+
+    /// The tenant's training lock in the store, waiting while another replica holds it.
+    async fn replica_lock(&self, tenant: &str) -> Result<TrainingLock> {
+        let mut waiting = false;
+        loop {
+            let (store, name) = (Arc::clone(&self.store), tenant.to_string());
+            let lock = tokio::task::spawn_blocking(move || store.try_training_lock(&name))
+                .await
+                .map_err(|e| Error::Store(format!("training lock task: {e}")))??;
+            if let Some(lock) = lock {
+                return Ok(lock);
+            }
+            if !waiting {
+                tracing::debug!(tenant, "another replica trains this tenant: waiting for it");
+                waiting = true;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(REPLICA_LOCK_POLL) => {}
+                () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+            }
+        }
     }
 
     /// Stops starting jobs and waits for running ones to finish (they save whole heads or

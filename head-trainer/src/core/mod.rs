@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::features::{EmbeddingSource, Model};
 use crate::heads::HeadKind;
 use crate::inflight::{InflightBudget, Uploads};
-use crate::store::Store;
+use crate::store::{Store, StoreEvent};
 use crate::tenants::{Tenant, Tenants};
 use crate::trainer::Trainer;
 use crate::{Error, Result};
@@ -108,23 +108,63 @@ impl Core {
             .ok_or_else(|| Error::Unavailable("no feature-server has answered yet".into()))
     }
 
-    /// Loads the tenant. A tenant loaded for the first time whose trained head lags its
-    /// examples (a crash between an enroll and its training, or a different
-    /// `--default-head`) gets a training job.
+    /// Loads the tenant, or brings a loaded one up to date with what other head-trainers on
+    /// a shared store wrote (so that a rename or remove through any replica is seen by the
+    /// next request through this one).
     async fn tenant(&self, name: &str, model: &Model) -> Result<Arc<Tenant>> {
         let (tenant, loaded) = self.tenants.get(name, &model.id).await?;
-        if loaded {
-            let set = tenant.current();
-            let kind = self.config.default_head;
-            let stale = set.prototype.is_some()
-                && set.trained.get(&kind).is_none_or(|h| {
-                    h.meta.revision < set.taxonomy.revision || h.meta.model != model.id
-                });
-            if stale && kind.is_trained() {
-                self.trainer.schedule(&tenant, &model.id);
-            }
+        if loaded || self.tenants.sync(&tenant, &model.id).await? {
+            self.train_if_stale(&tenant, &model.id);
         }
         Ok(tenant)
+    }
+
+    /// Asks for a training job when the tenant's trained head lags its examples: a tenant
+    /// read for the first time after a crash between an enroll and its training, a different
+    /// `--default-head`, or examples another replica enrolled. Where another replica already
+    /// trains it, the job waits for that one and reuses its head (`Trainer`).
+    fn train_if_stale(&self, tenant: &Arc<Tenant>, model: &str) {
+        let set = tenant.current();
+        let kind = self.config.default_head;
+        let stale = set.prototype.is_some()
+            && set
+                .trained
+                .get(&kind)
+                .is_none_or(|h| h.meta.revision < set.taxonomy.revision || h.meta.model != model);
+        if stale && kind.is_trained() {
+            self.trainer.schedule(tenant, model);
+        }
+    }
+
+    /// Follows the changes other head-trainers make to a shared store (saved heads, and
+    /// everything after a reconnect), re-reading the loaded tenants they touch, so that a head
+    /// trained on another replica is served here without waiting for a request. Runs until
+    /// the returned task is aborted; nothing to follow for a store only this process writes.
+    pub fn follow_store(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>> {
+        let (events, mut received) = tokio::sync::mpsc::channel(256);
+        self.store.watch(events)?;
+        let core = Arc::clone(self);
+        Ok(tokio::spawn(async move {
+            while let Some(event) = received.recv().await {
+                // Before the model identity is known no tenant is loaded.
+                let Ok(model) = core.model() else { continue };
+                let tenants = match event {
+                    StoreEvent::Changed(name) => {
+                        core.tenants.loaded_one(&name).into_iter().collect()
+                    }
+                    StoreEvent::Resync => core.tenants.loaded_all(),
+                };
+                for tenant in tenants {
+                    match core.tenants.sync(&tenant, &model.id).await {
+                        Ok(true) => core.train_if_stale(&tenant, &model.id),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(tenant = %tenant.name, error = %e, "re-reading a changed tenant failed; the next request retries");
+                        }
+                    }
+                }
+            }
+        }))
     }
 
     /// The tenant, loaded, when the model identity is known. Before any feature-server has

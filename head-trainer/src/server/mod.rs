@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::core::Core;
 use crate::features::{EmbeddingSource, FeatureClient, Timeouts};
 use crate::service::{Auth, ClassifierService};
-use crate::store::{RedbStore, Store};
+use crate::store::{PostgresStore, RedbStore, Store};
 use crate::{Error, Result};
 use futures::StreamExt;
 use severable::Severable;
@@ -55,6 +55,7 @@ pub async fn run(
             connect: config.connect_timeout,
             request: config.request_timeout,
             probe: config.probe_interval,
+            resolve: config.resolve_interval,
         },
         (config.max_photo_bytes + (1 << 20)).max(64 << 20),
         config.views,
@@ -74,17 +75,12 @@ pub async fn run_with_source(
         Some(path) => Auth::from_file(path)?,
         None => Auth::open(),
     };
-    let data_dir = config.data_dir.clone();
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || RedbStore::open(&data_dir))
-            .await
-            .map_err(|e| Error::Store(e.to_string()))??,
-    );
+    let store = open_store(&config).await?;
     let addr = listener.local_addr().ok();
     tracing::info!(
         ?addr,
         features = ?config.features_urls,
-        data = %config.data_dir.display(),
+        store = %store_name(&config),
         tokens = auth.enabled(),
         default_head = %config.default_head,
         classify_cache_entries = config.classify_cache_entries,
@@ -101,6 +97,7 @@ pub async fn run_with_source(
     let max_message = config.max_photo_bytes + (config.max_photo_bytes / 4).max(1 << 20);
     let cut = CancellationToken::new();
     let core = Arc::new(Core::new(config, store, Arc::clone(&features)));
+    let following = core.follow_store()?;
     let auth = Arc::new(auth);
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -175,6 +172,8 @@ pub async fn run_with_source(
         }
     };
     health_task.abort();
+    following.abort();
+    let _ = following.await; // it holds the core
     tracing::info!("no longer serving; waiting for training jobs");
     core.shutdown(grace).await;
     drop(core);
@@ -183,6 +182,31 @@ pub async fn run_with_source(
         .map_err(|e| Error::Unavailable(format!("server: {e}")))?;
     tracing::info!("head-trainer stopped");
     Ok(())
+}
+
+/// The store the config names: PostgreSQL with a database URL, the embedded redb otherwise.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    let (url, options, data_dir) = (
+        config.database_url.clone(),
+        config.database.clone(),
+        config.data_dir.clone(),
+    );
+    tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>> {
+        Ok(match url {
+            Some(url) => Arc::new(PostgresStore::connect(&url, &options)?),
+            None => Arc::new(RedbStore::open(&data_dir)?),
+        })
+    })
+    .await
+    .map_err(|e| Error::Store(e.to_string()))?
+}
+
+/// The store, for the log (never the database password).
+fn store_name(config: &Config) -> String {
+    match &config.database_url {
+        Some(url) => crate::store::describe_postgres(url),
+        None => format!("redb in {}", config.data_dir.display()),
+    }
 }
 
 /// Waits `grace` for requests in flight to finish, then cuts the requests still running

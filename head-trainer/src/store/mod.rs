@@ -16,7 +16,9 @@ mod postgres;
 mod redb;
 mod rules;
 
-pub use self::postgres::{HEADS_CHANNEL, PostgresStore};
+pub use self::postgres::{
+    HEADS_CHANNEL, PoolOptions, PostgresStore, describe as describe_postgres,
+};
 pub use self::redb::RedbStore;
 
 use crate::Result;
@@ -60,6 +62,26 @@ pub struct RemoveOutcome {
     pub revision: u64,
 }
 
+/// A tenant's counters as the store has them now: what a replica compares with what it has
+/// loaded to tell whether another replica changed the tenant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Versions {
+    /// Moves with every write of the tenant (the taxonomy's `seq`).
+    pub seq: u64,
+    /// The newest head version handed out (trained kinds and the prototype).
+    pub head_seq: u64,
+}
+
+/// What a shared store reports of changes other processes made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// The tenant changed (another replica saved a head): re-read it if it is loaded.
+    Changed(String),
+    /// Reports may have been missed (the first connection, or a reconnect after a lost one):
+    /// re-read every loaded tenant.
+    Resync,
+}
+
 /// A tenant's durable state, one transaction per method.
 ///
 /// Counters (see the taxonomy's `seq`, `revision`, `prototype_version`): `revision` moves with
@@ -101,12 +123,27 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored head of the tenant, as (kind, bytes).
     fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>>;
 
-    /// Waits until no other head-trainer on this store trains the tenant, and holds that
-    /// until the lock is dropped: one training job per tenant across every replica. A store
-    /// that only one process can open needs none (the trainer serialises jobs in-process).
-    fn training_lock(&self, tenant: &str) -> Result<TrainingLock> {
+    /// The lock that makes a training job the only one of the tenant across every
+    /// head-trainer on this store, held until dropped; `None` while another process holds it
+    /// (the trainer waits and asks again). A store that only one process can open needs none
+    /// (the trainer serialises jobs in-process).
+    fn try_training_lock(&self, tenant: &str) -> Result<Option<TrainingLock>> {
         let _ = tenant;
-        Ok(TrainingLock::none())
+        Ok(Some(TrainingLock::none()))
+    }
+
+    /// The tenant's counters, for a store that other processes write too; `None` for one that
+    /// only this process can open, where what is loaded is always current.
+    fn versions(&self, tenant: &str) -> Result<Option<Versions>> {
+        let _ = tenant;
+        Ok(None)
+    }
+
+    /// Starts reporting other processes' changes on `events`, until the receiver is dropped.
+    /// A store only this process writes has nothing to report.
+    fn watch(&self, events: tokio::sync::mpsc::Sender<StoreEvent>) -> Result<()> {
+        drop(events);
+        Ok(())
     }
 }
 

@@ -16,21 +16,26 @@
 //! that a listener never hears of a head it cannot read yet.
 
 mod classes;
+mod listen;
 mod migrations;
 #[cfg(test)]
+#[path = "../../tests/common/postgres.rs"]
 pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;
+mod tls;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use postgres::{GenericClient, IsolationLevel, NoTls};
+use postgres::{GenericClient, IsolationLevel};
 use r2d2_postgres::PostgresConnectionManager;
 use r2d2_postgres::r2d2::{Pool, PooledConnection};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    EnrollOutcome, EnrollWrite, Hash, RemoveOutcome, Snapshot, Store, TrainingLock,
-    decode_embedding,
+    EnrollOutcome, EnrollWrite, Hash, RemoveOutcome, Snapshot, Store, StoreEvent, TrainingLock,
+    Versions, decode_embedding,
 };
 use crate::taxonomy::{ClassEntry, Taxonomy};
 use crate::{Error, Result};
@@ -38,36 +43,134 @@ use crate::{Error, Result};
 /// The channel a saved head is announced on; the payload is `tenant kind version`.
 pub const HEADS_CHANNEL: &str = "taxon_heads";
 
-type Manager = PostgresConnectionManager<NoTls>;
+type Manager = PostgresConnectionManager<MakeRustlsConnect>;
 
 /// First key of the per-tenant training locks (the second is a hash of the tenant), so that
 /// they never collide with another application's advisory locks on the same database.
 const TRAINING_LOCKS: i32 = 0x7461_786e;
 
+/// How the store connects, beyond the URL.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Connections kept at most (each request holds one for one transaction; a training job
+    /// holds one more for its lock while it trains).
+    pub max_connections: u32,
+    /// Longest wait for a connection (a new one, or a free one from the pool); beyond it the
+    /// request fails with UNAVAILABLE rather than hang while the database is down.
+    pub timeout: Duration,
+    /// PEM file of the CA(s) that sign the database's certificate; the system's trust store
+    /// when `None`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            timeout: Duration::from_secs(5),
+            ca_file: None,
+        }
+    }
+}
+
 /// A pool of connections to one database.
 pub struct PostgresStore {
-    pool: Pool<Manager>,
+    /// `None` only while dropping (see `Drop`).
+    pool: Option<Pool<Manager>>,
+    /// For the listener's own connection.
+    config: postgres::Config,
+    tls: MakeRustlsConnect,
 }
 
 impl PostgresStore {
-    /// Connects (`postgres://user:password@host:port/db` or `host=... user=...`), waiting at
-    /// most `timeout` for a connection, and applies the migrations the database lacks.
-    pub fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self> {
-        let config: postgres::Config = url
+    /// Connects (`postgres://user:password@host:port/db?sslmode=...` or `host=... user=...`),
+    /// waiting at most `options.timeout` for a connection, and applies the migrations the
+    /// database lacks.
+    pub fn connect(url: &str, options: &PoolOptions) -> Result<Self> {
+        let mut config: postgres::Config = url
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("database url: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.timeout);
+        }
+        config.application_name("taxon-head-trainer");
+        let tls = tls::connector(options.ca_file.as_deref())?;
+        // One connection by hand first: the pool keeps only the top line of a failure, and
+        // "error performing TLS handshake" without its cause (an untrusted certificate, a
+        // name mismatch) helps nobody.
+        drop(config.connect(tls.clone()).map_err(|e| {
+            Error::DatabaseUnavailable(format!("connecting to {}: {}", describe(url), chain(&e)))
+        })?);
         let pool = Pool::builder()
-            .max_size(max_connections.max(1))
+            .max_size(options.max_connections.max(1))
             .min_idle(Some(1))
-            .connection_timeout(timeout)
+            .connection_timeout(options.timeout)
             .test_on_check_out(true)
-            .build(PostgresConnectionManager::new(config, NoTls))?;
+            .build(PostgresConnectionManager::new(config.clone(), tls.clone()))?;
         migrations::apply(&mut *pool.get()?)?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool: Some(pool),
+            config,
+            tls,
+        })
     }
 
     fn client(&self) -> Result<PooledConnection<Manager>> {
-        Ok(self.pool.get()?)
+        let pool = self.pool.as_ref().ok_or(Error::ShuttingDown)?;
+        Ok(pool.get()?)
+    }
+}
+
+/// The synchronous client closes a connection by blocking on its own little runtime, which
+/// panics on a tokio worker thread, and the last handle to the store is often dropped on one
+/// (when the server's core goes). So the pool is closed on a thread of its own.
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            let closing = std::thread::Builder::new()
+                .name("taxon-pg-close".into())
+                .spawn(move || drop(pool));
+            if let Ok(closing) = closing {
+                let _ = closing.join();
+            }
+        }
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Where the store is, without the password: for logs.
+pub fn describe(url: &str) -> String {
+    match url.parse::<postgres::Config>() {
+        Ok(c) => {
+            let hosts: Vec<String> = c
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    postgres::config::Host::Tcp(name) => name.clone(),
+                    postgres::config::Host::Unix(path) => path.display().to_string(),
+                })
+                .collect();
+            let ports: Vec<String> = c.get_ports().iter().map(u16::to_string).collect();
+            format!(
+                "postgres://{}@{}:{}/{}",
+                c.get_user().unwrap_or("?"),
+                hosts.join(","),
+                ports.join(","),
+                c.get_dbname().unwrap_or("?")
+            )
+        }
+        Err(_) => "postgres (unparsable url)".into(),
     }
 }
 
@@ -204,14 +307,20 @@ impl Store for PostgresStore {
 
     /// A session advisory lock on a connection of its own: PostgreSQL releases it when the
     /// connection ends, so a head-trainer killed mid-training frees its tenants at once.
-    fn training_lock(&self, tenant: &str) -> Result<TrainingLock> {
+    /// Tried, not waited for, so that a replica waiting for another's job holds no connection.
+    fn try_training_lock(&self, tenant: &str) -> Result<Option<TrainingLock>> {
         let mut client = self.client()?;
-        client.execute(
-            "SELECT pg_advisory_lock($1, hashtext($2))",
-            &[&TRAINING_LOCKS, &tenant],
-        )?;
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&TRAINING_LOCKS, &tenant],
+            )?
+            .get(0);
+        if !got {
+            return Ok(None);
+        }
         let tenant = tenant.to_string();
-        Ok(TrainingLock::releasing(move || {
+        Ok(Some(TrainingLock::releasing(move || {
             let unlocked = client.execute(
                 "SELECT pg_advisory_unlock($1, hashtext($2))",
                 &[&TRAINING_LOCKS, &tenant],
@@ -220,7 +329,22 @@ impl Store for PostgresStore {
                 // The connection is gone, and the lock with it.
                 tracing::debug!(tenant, error = %e, "training lock released with its connection");
             }
-        }))
+        })))
+    }
+
+    fn versions(&self, tenant: &str) -> Result<Option<Versions>> {
+        let row = self.client()?.query_opt(
+            "SELECT seq, head_seq FROM tenants WHERE tenant = $1",
+            &[&tenant],
+        )?;
+        Ok(Some(row.map_or_else(Versions::default, |r| Versions {
+            seq: id(r.get(0)),
+            head_seq: id(r.get(1)),
+        })))
+    }
+
+    fn watch(&self, events: tokio::sync::mpsc::Sender<StoreEvent>) -> Result<()> {
+        listen::spawn(self.config.clone(), self.tls.clone(), events)
     }
 
     fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>> {

@@ -30,8 +30,12 @@ struct Postgres(super::postgres::testdb::TestPostgres);
 
 impl Fixture for Postgres {
     fn open(&self) -> Box<dyn Store> {
-        let timeout = std::time::Duration::from_secs(10);
-        Box::new(PostgresStore::connect(&self.0.url(), 2, timeout).unwrap())
+        let options = PoolOptions {
+            max_connections: 2,
+            timeout: std::time::Duration::from_secs(10),
+            ca_file: None,
+        };
+        Box::new(PostgresStore::connect(&self.0.url(), &options).unwrap())
     }
 }
 

@@ -1,9 +1,10 @@
 //! Where embeddings come from: the feature-server(s), behind a small trait so that service
 //! tests can substitute a fake.
 //!
-//! The real client balances one tonic `Channel` over every `--features-url`
-//! (`Channel::balance_list`: endpoints connect lazily and reconnect on their own, so a
-//! feature-server that restarts on the same address comes back without any help). Each call
+//! The real client balances one tonic `Channel` over every address every `--features-url`
+//! resolves to, re-resolved every `resolve` interval (`resolve.rs`), so a service scaled to
+//! more feature-servers is used without a restart; endpoints connect lazily and reconnect on
+//! their own, so a feature-server that restarts on the same address comes back by itself. Each call
 //! has a deadline to get its stream going (`connect_timeout`) and an overall deadline: the
 //! caller's, or `request_timeout`.
 //!
@@ -29,6 +30,8 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{Error, Result};
+
+mod resolve;
 
 /// One image's embedding, or why the feature-server refused it.
 pub type ItemResult = Result<Vec<f32>>;
@@ -73,6 +76,8 @@ pub struct Timeouts {
     pub request: Duration,
     /// Between two `Info` probes once the identity is known.
     pub probe: Duration,
+    /// Between two DNS lookups of the feature-server names.
+    pub resolve: Duration,
 }
 
 /// The gRPC client of the feature-servers.
@@ -102,15 +107,24 @@ impl FeatureClient {
         if urls.is_empty() {
             return Err(Error::InvalidArgument("no --features-url given".into()));
         }
-        let mut endpoints = Vec::with_capacity(urls.len());
-        for url in urls {
-            let e = Endpoint::from_shared(url.clone())
-                .map_err(|e| Error::InvalidArgument(format!("--features-url {url}: {e}")))?
-                .connect_timeout(timeouts.connect)
-                .tcp_nodelay(true);
-            endpoints.push(e);
-        }
-        let channel = Channel::balance_list(endpoints.into_iter());
+        let targets = urls
+            .iter()
+            .map(|u| resolve::Target::parse(u))
+            .collect::<Result<Vec<_>>>()?;
+        let connect = timeouts.connect;
+        let endpoint = move |uri: &str| -> Result<Endpoint> {
+            Ok(Endpoint::from_shared(uri.to_string())
+                .map_err(|e| Error::InvalidArgument(format!("feature-server {uri}: {e}")))?
+                .connect_timeout(connect)
+                .tcp_nodelay(true))
+        };
+        let (channel, changes) = Channel::balance_channel(64);
+        tokio::spawn(resolve::follow(
+            targets,
+            timeouts.resolve,
+            endpoint,
+            changes,
+        ));
         let client = FeaturesClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);

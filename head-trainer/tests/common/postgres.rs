@@ -5,6 +5,10 @@
 //! Without PostgreSQL installed, [`TestPostgres::start`] returns `None` (the caller skips)
 //! on a developer's machine, and panics when `CI` is set: CI installs it (`.ci/run`), so a
 //! missing server there is a broken CI, never a silent pass.
+//!
+//! Shared by the store's unit tests (included with `#[path]`) and the integration tests.
+
+#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
@@ -17,11 +21,19 @@ pub struct TestPostgres {
     dir: tempfile::TempDir,
     port: u16,
     as_postgres: bool,
+    /// Extra `-c name=value` server settings.
+    settings: Vec<String>,
 }
 
 impl TestPostgres {
     /// Starts a fresh server, or `None` when PostgreSQL is not installed (outside CI).
     pub fn start() -> Option<Self> {
+        Self::start_with(|_| Vec::new())
+    }
+
+    /// [`Self::start`] with extra server settings (`name=value`), made from the server's
+    /// directory once it exists (where the settings' files, such as certificates, go).
+    pub fn start_with(settings: impl FnOnce(&Path) -> Vec<String>) -> Option<Self> {
         let Some(bin) = find_bin() else {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -42,6 +54,7 @@ impl TestPostgres {
             dir,
             port: 0,
             as_postgres,
+            settings: Vec::new(),
         };
         pg.run(
             "initdb",
@@ -56,6 +69,17 @@ impl TestPostgres {
                 OsStr::new("--no-sync"),
             ],
         );
+        pg.settings = settings(pg.dir.path());
+        if as_postgres {
+            // The files the settings name (a private key must belong to the server's user).
+            let (uid, gid) = postgres_user();
+            for entry in std::fs::read_dir(pg.dir.path()).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_file() {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+            }
+        }
         // A free port can be taken by someone else between our look and the server's bind:
         // try a few.
         for _ in 0..5 {
@@ -73,16 +97,25 @@ impl TestPostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The server's own directory (its data, log and socket live below it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Stops the server at once (as a crash would), or starts it again.
     pub fn pg_ctl(&self, action: &str) -> bool {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("log");
         // fsync off: these servers hold test data only, and the machine is shared.
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.path().display()
         );
+        for s in &self.settings {
+            opts.push_str(" -c ");
+            opts.push_str(s);
+        }
         let mut args: Vec<&OsStr> = vec![
             OsStr::new("-D"),
             data.as_os_str(),
