@@ -282,8 +282,11 @@ impl Tenants {
     /// when the tenant's write sequence moved past what is loaded, re-reads its taxonomy and
     /// prototype, and its heads when a newer one was saved. True when something was re-read.
     /// One round trip when nothing changed; nothing at all for a store only this process
-    /// writes (`versions` is `None`).
+    /// writes.
     pub async fn sync(&self, tenant: &Arc<Tenant>, model: &str) -> Result<bool> {
+        if !self.store.shared() {
+            return Ok(false); // no hop to the blocking pool on the embedded store's hot path
+        }
         let known = tenant.current();
         let known_head = known
             .trained

@@ -9,8 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -188,36 +187,12 @@ fn next_op(rng: &mut rand::rngs::StdRng, model: &Model, serial: &mut u64) -> Op 
     }
 }
 
-/// Starts the binary on 127.0.0.1:0 and returns it with the address it logged.
+/// Starts the binary on 127.0.0.1:0 and returns it with its URL.
 fn spawn_head_trainer(data: &std::path::Path, features: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_head-trainer"))
-        .args(["--listen", "127.0.0.1:0", "--features-url", features])
-        .arg("--data")
-        .arg(data)
-        .args(["--views", "center", "--probe-interval-s", "0.2"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start head-trainer");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent && let Some(at) = line.find("listen=") {
-                let addr: String = line[at + 7..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace())
-                    .collect();
-                let _ = tx.send(addr);
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("head-trainer logged its address");
+    let (child, addr) = common::spawn_head_trainer(
+        features,
+        &[std::ffi::OsStr::new("--data"), data.as_os_str()],
+    );
     (child, format!("http://{addr}"))
 }
 

@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::postgres::TestPostgres;
@@ -299,39 +299,9 @@ async fn rename_and_remove_through_one_replica_are_seen_by_the_next_request_on_t
 
 /// The real binary on the database, for a test that must SIGKILL it.
 fn spawn_replica(pg: &TestPostgres, features: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_head-trainer"))
-        .args(["--listen", "127.0.0.1:0", "--features-url", features])
-        .args(["--database-url", &pg.url(), "--database-timeout-s", "1"])
-        .args(["--views", "center", "--probe-interval-s", "0.2"])
-        .env("RUST_LOG", "info")
-        .env_remove("TAXON_DATA")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start head-trainer");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut sent = false;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if !sent && let Some(at) = line.find("listen=") {
-                let addr: String = line[at + 7..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace())
-                    .collect();
-                let _ = tx.send(addr);
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("head-trainer logged its address");
-    (child, addr)
+    let url = pg.url();
+    let store = ["--database-url", &url, "--database-timeout-s", "1"].map(std::ffi::OsStr::new);
+    common::spawn_head_trainer(features, &store)
 }
 
 /// Sessions of the database waiting for an advisory lock.

@@ -132,6 +132,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(Some(TrainingLock::none()))
     }
 
+    /// Whether other processes write this store too (then what is loaded may be stale, and
+    /// [`Store::versions`] tells). False for a store only this process can open.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// The tenant's counters, for a store that other processes write too; `None` for one that
     /// only this process can open, where what is loaded is always current.
     fn versions(&self, tenant: &str) -> Result<Option<Versions>> {

@@ -332,6 +332,10 @@ impl Store for PostgresStore {
         })))
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn versions(&self, tenant: &str) -> Result<Option<Versions>> {
         let row = self.client()?.query_opt(
             "SELECT seq, head_seq FROM tenants WHERE tenant = $1",

@@ -305,3 +305,46 @@ pub fn config(url: &str, dir: &std::path::Path) -> head_trainer::Config {
     c.probe_interval = Duration::from_millis(100);
     c
 }
+
+/// Starts the real `head-trainer` binary on 127.0.0.1:0 against `features`, with `store` (its
+/// `--data DIR` or `--database-url URL` flags), and returns it with the address it logged:
+/// for tests that must SIGKILL it.
+pub fn spawn_head_trainer(
+    features: &str,
+    store: &[&std::ffi::OsStr],
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_head-trainer"))
+        .args(["--listen", "127.0.0.1:0", "--features-url", features])
+        .args(store)
+        .args(["--views", "center", "--probe-interval-s", "0.2"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start head-trainer");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        // Read to the end, so the child never writes to a closed pipe.
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !sent && let Some(at) = line.find("listen=") {
+                let addr: String = line[at + 7..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace())
+                    .collect();
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("head-trainer logged its address");
+    (child, addr)
+}
