@@ -101,6 +101,7 @@ impl Features for FeaturesService {
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let meta = self.meta().await?;
+        let stats = self.engine.stats();
         Ok(Response::new(ModelInfo {
             backbone: meta.backbone.to_string(),
             dim: meta.dim as u32,
@@ -111,6 +112,8 @@ impl Features for FeaturesService {
             max_wait_ms: self.config.max_wait.as_millis() as u32,
             max_image_bytes: self.config.limits.max_bytes as u64,
             max_image_pixels: self.config.limits.max_pixels,
+            images_embedded: stats.images,
+            batches: stats.batches,
         }))
     }
 }

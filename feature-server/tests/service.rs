@@ -209,6 +209,9 @@ async fn a_view_set_embeds_the_mean_of_its_views_and_says_so_in_the_identity() {
         relative_diff(four, center) > 1e-3,
         "four views gave the center crop's embedding"
     );
+    // Two images embedded (the unknown view set never reached the engine), five views.
+    let stats = server.engine.stats();
+    assert_eq!((stats.images, stats.items), (2, 5), "{stats:?}");
     drop(dir);
     server.shutdown().await.expect("clean shutdown");
 }
@@ -282,7 +285,16 @@ async fn a_stream_of_ten_thousand_items_is_answered_exactly_once_each() {
     );
     let stats = server.engine.stats();
     assert_eq!(stats.items, 10_000);
+    assert_eq!(stats.images, 10_000);
     assert!(stats.largest_batch <= 16, "{stats:?}");
+    // The same counters reach operators through Info, per replica.
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.images_embedded, 10_000);
+    assert_eq!(info.batches, stats.batches);
     server.shutdown().await.expect("clean shutdown");
 }
 

@@ -82,6 +82,7 @@ async fn features(ctx: &mut Ctx<'_>, url: &str) -> Result<Outcome> {
                 "weights_sha256": i.weights_sha256, "device": i.device,
                 "max_batch": i.max_batch, "max_wait_ms": i.max_wait_ms, "model": i.model,
                 "max_image_bytes": i.max_image_bytes, "max_image_pixels": i.max_image_pixels,
+                "images_embedded": i.images_embedded, "batches": i.batches,
             }),
         )?;
     } else {
@@ -100,6 +101,13 @@ async fn features(ctx: &mut Ctx<'_>, url: &str) -> Result<Outcome> {
                     "{} per image, {} pixels",
                     crate::files::human_bytes(i.max_image_bytes),
                     i.max_image_pixels
+                ),
+            ),
+            (
+                "embedded",
+                format!(
+                    "{} images in {} batches since start",
+                    i.images_embedded, i.batches
                 ),
             ),
         ];

@@ -116,14 +116,15 @@ impl Batcher {
         let n: usize = live.iter().map(|(_, views, _)| views).sum();
         let started = Instant::now();
         let mut input = Vec::with_capacity(n * ITEM_LEN);
-        let mut replies = Vec::with_capacity(live.len());
+        let images = live.len();
+        let mut replies = Vec::with_capacity(images);
         for (pixels, views, reply) in live {
             input.extend_from_slice(&pixels);
             replies.push((views, reply));
         }
         let result = self.forward(input, n);
         // Counted before anyone is answered, so a client that has its answer sees the count.
-        self.stats.record(n);
+        self.stats.record(n, images);
         match result {
             Ok(rows) => {
                 let mut rows = rows.into_iter();

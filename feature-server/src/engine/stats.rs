@@ -10,6 +10,7 @@ use std::sync::{Condvar, Mutex};
 #[derive(Debug, Default)]
 pub struct Stats {
     batches: AtomicU64,
+    images: AtomicU64,
     items: AtomicU64,
     largest_batch: AtomicU64,
     multi_item_batches: AtomicU64,
@@ -20,7 +21,9 @@ pub struct Stats {
 pub struct StatsSnapshot {
     /// Forward passes run (the warm-up excluded).
     pub batches: u64,
-    /// Items embedded by those passes.
+    /// Images embedded by those passes (an image sent with several views counts once).
+    pub images: u64,
+    /// Items (views) embedded by those passes.
     pub items: u64,
     /// The largest batch so far.
     pub largest_batch: u64,
@@ -29,9 +32,11 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
-    pub(crate) fn record(&self, batch_size: usize) {
+    /// One forward pass of `batch_size` views from `images` images.
+    pub(crate) fn record(&self, batch_size: usize, images: usize) {
         let n = batch_size as u64;
         self.batches.fetch_add(1, Ordering::Relaxed);
+        self.images.fetch_add(images as u64, Ordering::Relaxed);
         self.items.fetch_add(n, Ordering::Relaxed);
         self.largest_batch.fetch_max(n, Ordering::Relaxed);
         if n > 1 {
@@ -42,6 +47,7 @@ impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             batches: self.batches.load(Ordering::Relaxed),
+            images: self.images.load(Ordering::Relaxed),
             items: self.items.load(Ordering::Relaxed),
             largest_batch: self.largest_batch.load(Ordering::Relaxed),
             multi_item_batches: self.multi_item_batches.load(Ordering::Relaxed),

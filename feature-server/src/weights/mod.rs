@@ -102,6 +102,17 @@ pub fn save_safetensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -
         let _ = std::fs::remove_file(&tmp);
         return Err(weights_err(path, e));
     }
+    // Public weights, read by other users: the serving user of a container among them (the
+    // file would otherwise keep the 0600 of its temporary).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let readable = std::fs::Permissions::from_mode(0o644);
+        if let Err(e) = std::fs::set_permissions(&tmp, readable) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(weights_err(path, e));
+        }
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         weights_err(path, e)
@@ -123,5 +134,22 @@ pub(crate) fn weights_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Weights {
         path: path.to_path_buf(),
         message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn saved_weights_are_readable_by_other_users() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        save_safetensors_atomic(&HashMap::from([("w".to_string(), t)]), &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644, "{mode:o}");
     }
 }

@@ -185,6 +185,7 @@ impl Features for Fake {
             max_wait_ms: 0,
             max_image_bytes: 64 << 20,
             max_image_pixels: 40_000_000,
+            ..Default::default()
         }))
     }
 }
