@@ -14,6 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result, chain};
+use crate::retry::RetryPolicy;
 
 /// The head-trainer's default address: every command but `info --features` talks to it.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50052";
@@ -100,6 +101,7 @@ pub struct Conn {
     pub addr: String,
     channel: Channel,
     auth: Auth,
+    retry: RetryPolicy,
 }
 
 /// Accepts `host:port` as well as a URL, since that is what people type.
@@ -137,7 +139,18 @@ impl Conn {
             addr,
             channel,
             auth,
+            retry: RetryPolicy::default(),
         })
+    }
+
+    /// The same connection retrying `UNAVAILABLE` under `policy` (see [`crate::retry`]).
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
     }
 
     /// The same channel speaking for another tenant (the evaluation's fresh tenant per seed).
@@ -146,6 +159,7 @@ impl Conn {
             addr: self.addr.clone(),
             channel: self.channel.clone(),
             auth,
+            retry: self.retry.clone(),
         }
     }
 

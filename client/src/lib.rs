@@ -8,6 +8,7 @@ pub mod error;
 pub mod eval;
 pub mod files;
 pub mod output;
+pub mod retry;
 
 use std::io::Write;
 
@@ -15,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 use crate::connect::{Auth, Conn, DEFAULT_SERVER, Service};
 pub use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
 
 /// Teach an image classifier new classes from a handful of photos.
 #[derive(Debug, Parser)]
@@ -32,6 +34,10 @@ pub struct Cli {
     /// Machine-readable output: JSON on stdout, no progress bars.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Keep retrying a call that found no server (UNAVAILABLE: a replica restarting) for up
+    /// to this many seconds, with backoff; 0 fails at once.
+    #[arg(long, env = "TAXON_RETRY_S", default_value_t = 30, global = true)]
+    pub retry_s: u64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,6 +72,8 @@ pub enum Command {
     Info(commands::info::Args),
     /// k-shot evaluation of every head on a <parent>/<child>/ photo tree.
     Eval(eval::Args),
+    /// A shell completion script on stdout (bash, zsh, fish, elvish, powershell).
+    Completions(commands::completions::Args),
 }
 
 /// How a command that ran to the end went: some commands print their results and still fail
@@ -83,6 +91,7 @@ pub struct Ctx<'a> {
     pub tenant: Option<String>,
     pub token: Option<String>,
     pub json: bool,
+    pub retry: RetryPolicy,
     pub out: &'a mut dyn Write,
 }
 
@@ -93,7 +102,11 @@ impl Ctx<'_> {
 
     /// Connects to the head-trainer at `--server`.
     pub async fn connect(&self) -> Result<Conn> {
-        Conn::connect(&self.server, Service::HeadTrainer, self.auth()?).await
+        Ok(
+            Conn::connect(&self.server, Service::HeadTrainer, self.auth()?)
+                .await?
+                .with_retry(self.retry.clone()),
+        )
     }
 }
 
@@ -104,6 +117,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
         tenant: cli.tenant,
         token: cli.token,
         json: cli.json,
+        retry: RetryPolicy::new(std::time::Duration::from_secs(cli.retry_s)),
         out,
     };
     let outcome = match cli.command {
@@ -115,6 +129,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Health(args) => commands::health::run(&mut ctx, args).await?,
         Command::Info(args) => commands::info::run(&mut ctx, args).await?,
         Command::Eval(args) => eval::run(&mut ctx, args).await?,
+        Command::Completions(args) => commands::completions::run(&mut ctx, args)?,
     };
     ctx.out.flush()?;
     Ok(outcome)
@@ -148,6 +163,20 @@ mod tests {
         assert_eq!(args.class.as_deref(), Some("mymug"));
         assert_eq!(args.parent, "kitchenware");
         assert_eq!(args.paths, vec!["./pics".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn completions_cover_every_command_and_flag() {
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["client", "completions", shell]).unwrap();
+            let mut out = Vec::new();
+            assert_eq!(execute(cli, &mut out).await.unwrap(), Outcome::Success);
+            let script = String::from_utf8(out).unwrap();
+            for word in ["enroll", "classify", "retry-s", "max-file-mib", "dataset"] {
+                assert!(script.contains(word), "{shell} completions lack {word}");
+            }
+        }
+        assert!(Cli::try_parse_from(["client", "completions", "cmd.exe"]).is_err());
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub type Answer = std::result::Result<ClassifyResponse, String>;
 
 /// Classifies `paths` over one stream and returns the answers in the same order. Shared with
 /// the evaluation, which sends every test photo once per head this way.
+///
+/// When the stream breaks with `UNAVAILABLE` (a replica behind the load balancer died), the
+/// answers already received are kept and only the unanswered images are sent again, on a new
+/// stream, under the connection's retry policy.
 pub async fn classify_many(
     conn: &Conn,
     paths: &[PathBuf],
@@ -43,12 +47,52 @@ pub async fn classify_many(
     head: &str,
     pb: &ProgressBar,
 ) -> Result<Vec<Answer>> {
+    let mut answers: Vec<Option<Answer>> = vec![None; paths.len()];
+    let mut attempts = conn.retry().start();
+    loop {
+        let pending: Vec<usize> = (0..paths.len()).filter(|&i| answers[i].is_none()).collect();
+        if pending.is_empty() {
+            break;
+        }
+        match classify_stream(conn, paths, pending, top_k, head, &mut answers, pb).await {
+            Ok(()) => break,
+            Err(Failure::Status(status)) => {
+                if !attempts.wait_after("ClassifyStream", &status).await {
+                    return Err(conn.rpc_error("ClassifyStream")(status));
+                }
+            }
+            Err(Failure::Other(e)) => return Err(e),
+        }
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err("no reply from the server".to_string())))
+        .collect())
+}
+
+/// Why one stream ended early: a status may be retried, anything else may not.
+enum Failure {
+    Status(tonic::Status),
+    Other(Error),
+}
+
+/// One ClassifyStream call for the images at `pending`, filling `answers` as replies come.
+/// Files that cannot be read are answered here, so a retry does not read them again.
+async fn classify_stream(
+    conn: &Conn,
+    paths: &[PathBuf],
+    pending: Vec<usize>,
+    top_k: u32,
+    head: &str,
+    answers: &mut [Option<Answer>],
+    pb: &ProgressBar,
+) -> std::result::Result<(), Failure> {
     let (tx, rx) = mpsc::channel(8);
-    let files = paths.to_vec();
+    let files: Vec<(usize, PathBuf)> = pending.into_iter().map(|i| (i, paths[i].clone())).collect();
     let head = head.to_string();
     let feeder = tokio::spawn(async move {
         let mut unread = Vec::new();
-        for (i, path) in files.into_iter().enumerate() {
+        for (i, path) in files {
             match tokio::fs::read(&path).await {
                 Ok(image) => {
                     let req = ClassifyStreamRequest {
@@ -66,26 +110,43 @@ pub async fn classify_many(
         }
         unread
     });
+    let outcome = receive(conn, ReceiverStream::new(rx), answers, pb).await;
+    if outcome.is_err() {
+        // The transport may still hold the request stream; files it did not take are sent
+        // again (or found unreadable again) by the next attempt.
+        feeder.abort();
+        return outcome;
+    }
+    for (i, why) in feeder.await.unwrap_or_default() {
+        answers[i] = Some(Err(why));
+        pb.inc(1);
+    }
+    outcome
+}
+
+async fn receive(
+    conn: &Conn,
+    requests: ReceiverStream<ClassifyStreamRequest>,
+    answers: &mut [Option<Answer>],
+    pb: &ProgressBar,
+) -> std::result::Result<(), Failure> {
     let mut stream = conn
         .classifier()
-        .classify_stream(ReceiverStream::new(rx))
+        .classify_stream(requests)
         .await
-        .map_err(conn.rpc_error("ClassifyStream"))?
+        .map_err(Failure::Status)?
         .into_inner();
-    let mut answers: Vec<Option<Answer>> = vec![None; paths.len()];
-    while let Some(msg) = stream
-        .message()
-        .await
-        .map_err(conn.rpc_error("ClassifyStream"))?
-    {
+    while let Some(msg) = stream.message().await.map_err(Failure::Status)? {
         let slot = msg
             .id
             .parse::<usize>()
             .ok()
             .and_then(|i| answers.get_mut(i))
-            .ok_or_else(|| Error::Protocol {
-                addr: conn.addr.clone(),
-                reason: format!("a reply for id {:?}, which was never sent", msg.id),
+            .ok_or_else(|| {
+                Failure::Other(Error::Protocol {
+                    addr: conn.addr.clone(),
+                    reason: format!("a reply for id {:?}, which was never sent", msg.id),
+                })
             })?;
         *slot = Some(match msg.result {
             Some(Reply::Classification(c)) => Ok(c),
@@ -94,14 +155,7 @@ pub async fn classify_many(
         });
         pb.inc(1);
     }
-    for (i, why) in feeder.await.unwrap_or_default() {
-        answers[i] = Some(Err(why));
-        pb.inc(1);
-    }
-    Ok(answers
-        .into_iter()
-        .map(|a| a.unwrap_or_else(|| Err("no reply from the server".to_string())))
-        .collect())
+    Ok(())
 }
 
 pub fn decision_name(d: i32) -> &'static str {

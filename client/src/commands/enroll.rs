@@ -76,7 +76,17 @@ pub async fn enroll_class(
     let mut total: Option<EnrollResponse> = None;
     let mut unread = Vec::new();
     for (i, chunk) in chunks.into_iter().enumerate() {
-        let (r, u) = enroll_stream(conn, class, parent, wait && i == last, chunk, pb).await?;
+        // Made again whole after UNAVAILABLE. Safe to repeat: an example is keyed by its
+        // photo's hash, so photos a failed attempt did store count as already embedded.
+        let position = pb.position();
+        let (r, u) = conn
+            .retry()
+            .run("Enroll", || {
+                pb.set_position(position);
+                enroll_stream(conn, class, parent, wait && i == last, chunk, pb)
+            })
+            .await
+            .map_err(conn.rpc_error("Enroll"))?;
         unread.extend(u);
         total = Some(match total {
             None => r,
@@ -107,7 +117,7 @@ async fn enroll_stream(
     wait: bool,
     images: &[PathBuf],
     pb: &ProgressBar,
-) -> Result<(EnrollResponse, Vec<Skipped>)> {
+) -> std::result::Result<(EnrollResponse, Vec<Skipped>), tonic::Status> {
     // A small buffer: the bar then tracks what was handed to the transport, not what was read.
     let (tx, rx) = mpsc::channel(2);
     let start = EnrollRequest {
@@ -147,12 +157,13 @@ async fn enroll_stream(
         }
         unread
     });
-    let response = conn
-        .classifier()
-        .enroll(ReceiverStream::new(rx))
-        .await
-        .map_err(conn.rpc_error("Enroll"))?
-        .into_inner();
+    let response = match conn.classifier().enroll(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            feeder.abort();
+            return Err(status);
+        }
+    };
     let unread = feeder.await.unwrap_or_default();
     Ok((response, unread))
 }

@@ -2,6 +2,7 @@
 
 pub mod classes;
 pub mod classify;
+pub mod completions;
 pub mod enroll;
 pub mod health;
 pub mod info;
