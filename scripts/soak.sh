@@ -9,7 +9,11 @@
 # weights/mobilenet_v2.safetensors is there (scripts/quickstart.sh or `feature-server
 # fetch-weights mobilenet_v2` makes it) and stand-in weights of the same shapes otherwise;
 # ResNet18 always runs stand-in weights (memory and speed do not depend on the values).
-# The head-trainer runs with its defaults (four views per photo, 256 MiB in-flight budget).
+# The head-trainer runs with its defaults (four views per photo, 256 MiB in-flight budget),
+# except its classify cache: the photo pool (about 2,000) would fit in the default 8,192
+# entries, and then after the first pass every answer would come from the cache while the
+# backbone idles. With TAXON_SOAK_CACHE_ENTRIES (256) far below the pool, most requests miss
+# and the feature-server embeds all the time; it prints how many images it embedded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,7 +59,8 @@ for backbone in $backbones; do
     >"$work/fs-$backbone.log" 2>&1 &
   fpid=$!
   "$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
-    --data "$work/data-$backbone" >"$work/ht-$backbone.log" 2>&1 &
+    --data "$work/data-$backbone" --classify-cache-entries "${TAXON_SOAK_CACHE_ENTRIES:-256}" \
+    >"$work/ht-$backbone.log" 2>&1 &
   hpid=$!
   export TAXON_SERVER="http://127.0.0.1:$hport" TAXON_TENANT=soak
   "$bin/client" health --wait 120 >/dev/null
@@ -113,7 +118,10 @@ for backbone in $backbones; do
   failures=$(grep -c . "$work/errors-$backbone.txt" || true)
   rm -f "$work"/answered-*.txt
   echo
-  echo "=== $backbone ($kind), $streams streams, $minutes min: $answered photos classified; $failures error lines"
+  embedded=$("$bin/client" info --features "http://127.0.0.1:$fport" --json \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["images_embedded"])')
+  echo "=== $backbone ($kind), $streams streams, $minutes min: $answered photos classified" \
+    "($embedded images embedded by the feature-server, each in 4 views); $failures error lines"
   grep -v '^$' "$work/errors-$backbone.txt" | sort | uniq -c | sort -rn | head -5 || true
   python3 - "$work/rss-$backbone.tsv" <<'EOF'
 import sys
