@@ -179,6 +179,9 @@ pub struct Args {
     /// containers, as in docker compose), pass `--listen 0.0.0.0:50051`.
     #[arg(long, env = "TAXON_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off when unset).
+    #[arg(long, env = "TAXON_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The backbone architecture of the weights file.
     #[arg(long, env = "TAXON_BACKBONE", default_value = "resnet18",
           value_parser = ["resnet18", "mobilenet_v2"])]

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod models;
 pub mod preprocess;
 pub mod server;

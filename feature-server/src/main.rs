@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use feature_server::config::Args;
 use feature_server::models::BackboneKind;
 use feature_server::weights::fetch;
+use taxon_ops::metrics_http;
 
 #[derive(Parser, Debug)]
 #[command(version, about, subcommand_negates_reqs = true)]
@@ -90,6 +91,7 @@ fn fetch_weights(
 }
 
 fn serve(args: Args) -> anyhow::Result<()> {
+    let metrics_listen = args.metrics_listen;
     let (listen, config) = args.into_config().context("invalid configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,9 +102,24 @@ fn serve(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
-        feature_server::run(listener, config, shutdown_signal())
-            .await
-            .context("feature-server failed")
+        let server = feature_server::Server::new(config).context("invalid configuration")?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        if let Some(addr) = metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr} for --metrics-listen"))?;
+            let engine = server.engine().clone();
+            let render = std::sync::Arc::new(move || engine.render_metrics());
+            tokio::spawn(metrics_http::serve(
+                metrics,
+                render,
+                stop.clone().cancelled_owned(),
+            ));
+            tracing::info!(%addr, "metrics at /metrics");
+        }
+        let served = server.serve(listener, shutdown_signal()).await;
+        stop.cancel();
+        served.context("feature-server failed")
     })
 }
 

@@ -10,7 +10,9 @@
 //! restarts the process).
 
 use std::future::Future;
+use std::sync::Arc;
 
+use taxon_ops::grpc_metrics::GrpcMetricsLayer;
 use taxon_proto::v1::features_server::FeaturesServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +29,16 @@ const DEATH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The gRPC service name health reports on.
 pub const SERVICE_NAME: &str = "taxon.v1.Features";
+
+/// The methods served here, the only values of the metrics' `rpc` label (others: `other`).
+const KNOWN_METHODS: [&str; 6] = [
+    "taxon.v1.Features/Embed",
+    "taxon.v1.Features/Info",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
 /// Runs the server on `listener` until `shutdown` resolves and in-flight work is done.
 pub async fn run(
@@ -103,7 +115,11 @@ impl Server {
 
         // Small messages both ways: Nagle's algorithm would add tens of milliseconds per item.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let calls = engine.metrics().calls.clone();
+        let record: taxon_ops::grpc_metrics::Recorder =
+            Arc::new(move |rpc, code, took| calls.record(rpc, code, took));
         let serving = tonic::transport::Server::builder()
+            .layer(GrpcMetricsLayer::new(&KNOWN_METHODS, record))
             // One span per call (Info, health, reflection, each Embed stream), so every log
             // line says which call it belongs to.
             .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))

@@ -205,10 +205,15 @@ pub fn views_of_request(views: i32) -> Result<(ViewSet, &'static [View]), Error>
 /// One item through the engine, as the response the client sees.
 async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> EmbedResponse {
     let EmbedRequest { id, image, views } = request;
-    let embedded = match views_of_request(views) {
-        Ok((set, views)) => engine.embed_views(image, views).await.map(|v| (v, set)),
-        Err(err) => Err(err),
+    let (label, embedded) = match views_of_request(views) {
+        Ok((set, views)) => (
+            view_label(set),
+            engine.embed_views(image, views).await.map(|v| (v, set)),
+        ),
+        Err(err) => ("unknown", Err(err)),
     };
+    let code = embedded.as_ref().err().map(|e| e.code());
+    engine.metrics().item(label, code);
     let result = match embedded {
         Ok((values, set)) => embed_response::Result::Embedding(Embedding {
             values,
@@ -225,6 +230,14 @@ async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> Embe
     EmbedResponse {
         id,
         result: Some(result),
+    }
+}
+
+/// The `views` label of the items metric.
+fn view_label(set: ViewSet) -> &'static str {
+    match set {
+        ViewSet::Center => "center",
+        ViewSet::ScalesAndMirrors => "scales_and_mirrors",
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::stats::{Gate, Stats};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::preprocess::INPUT_SIZE;
 
 /// Floats in one preprocessed image.
@@ -31,6 +32,8 @@ pub(crate) struct Job {
     pub reply: oneshot::Sender<Result<Vec<f32>>>,
     /// The item's place in the queue, given back as soon as the engine takes the item.
     pub slot: super::QueueSlot,
+    /// When it was queued, for the queue-wait histogram.
+    pub queued: Instant,
 }
 
 /// The model and what the loop needs beside it.
@@ -40,6 +43,7 @@ pub(crate) struct Batcher {
     pub max_batch: usize,
     pub max_wait: Duration,
     pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
     pub gate: Arc<Gate>,
 }
 
@@ -90,13 +94,19 @@ impl Batcher {
     fn answer(&self, batch: Vec<Job>) {
         // Items whose caller went away (a cancelled stream) are not worth a forward pass.
         let mut live = Vec::with_capacity(batch.len());
+        let formed = Instant::now();
         for job in batch {
             let Job {
                 pixels,
                 reply,
                 slot,
+                queued,
             } = job;
             drop(slot);
+            let waited = formed.saturating_duration_since(queued);
+            self.metrics
+                .queue_wait_seconds
+                .observe(waited.as_secs_f64());
             if reply.is_closed() {
                 continue;
             }
@@ -122,9 +132,14 @@ impl Batcher {
             input.extend_from_slice(&pixels);
             replies.push((views, reply));
         }
+        let forward_started = Instant::now();
         let result = self.forward(input, n);
         // Counted before anyone is answered, so a client that has its answer sees the count.
         self.stats.record(n, images);
+        self.metrics.batch_views.observe(n as f64);
+        self.metrics
+            .forward_seconds
+            .observe(forward_started.elapsed().as_secs_f64());
         match result {
             Ok(rows) => {
                 let mut rows = rows.into_iter();

@@ -36,6 +36,7 @@ use self::batcher::{Batcher, ITEM_LEN, Job};
 pub use self::stats::{Gate, Stats, StatsSnapshot};
 use crate::config::{Config, DeviceChoice};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::models::{Backbone, BackboneKind};
 use crate::preprocess::{self, Limits, View};
 
@@ -84,6 +85,7 @@ struct Inner {
     limits: Limits,
     state: watch::Receiver<State>,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     gate: Arc<Gate>,
     thread: Mutex<Option<std::thread::JoinHandle<Result<()>>>>,
 }
@@ -109,10 +111,12 @@ impl Engine {
         let (tx, rx) = sync_channel::<Job>(config.queue_capacity);
         let (state_tx, state) = watch::channel(State::Loading);
         let stats = Arc::new(Stats::default());
+        let metrics = Arc::new(Metrics::default());
         let gate = Arc::new(Gate::default());
         let (kind, choice) = (config.backbone, config.device);
         let (max_batch, max_wait) = (config.max_batch, config.max_wait);
         let (thread_stats, thread_gate) = (stats.clone(), gate.clone());
+        let thread_metrics = metrics.clone();
         let thread = std::thread::Builder::new()
             .name("taxon-engine".into())
             .spawn(move || {
@@ -126,6 +130,7 @@ impl Engine {
                         max_batch,
                         max_wait,
                         stats: thread_stats,
+                        metrics: thread_metrics,
                         gate: thread_gate,
                     };
                     // The first pass allocates and tunes; pay for it before health says SERVING.
@@ -184,6 +189,7 @@ impl Engine {
                 limits: config.limits,
                 state,
                 stats,
+                metrics,
                 gate,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -245,6 +251,7 @@ impl Engine {
             pixels,
             reply,
             slot,
+            queued: std::time::Instant::now(),
         })?;
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
@@ -362,6 +369,19 @@ impl Engine {
     pub fn stream_guard(&self) -> StreamGuard {
         self.inner.streams.send_modify(|n| *n += 1);
         StreamGuard(self.inner.streams.clone())
+    }
+
+    /// The Prometheus series this engine and its service record. A layer that records per
+    /// call holds this, not the engine: a response still in flight must not keep it alive.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The metrics in the text exposition format, the state gauges read now.
+    pub fn render_metrics(&self) -> String {
+        let depth = *self.inner.depth.borrow();
+        let streams = *self.inner.streams.borrow();
+        self.inner.metrics.render(depth, streams)
     }
 
     pub fn stats(&self) -> StatsSnapshot {
