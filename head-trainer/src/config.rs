@@ -165,6 +165,9 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "TAXON_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off when unset).
+    #[arg(long, env = "TAXON_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Feature-server URL; repeat (or comma-separate in the env var) to balance over several.
     #[arg(
         long = "features-url",

@@ -23,6 +23,7 @@ pub mod error;
 pub mod features;
 pub mod heads;
 pub mod inflight;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;
@@ -32,4 +33,4 @@ pub mod trainer;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use server::{run, run_with_source};
+pub use server::{run, run_with_metrics, run_with_source, serve};

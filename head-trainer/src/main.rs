@@ -22,7 +22,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "listening");
-    head_trainer::run(listener, config, shutdown_signal()).await?;
+    let metrics = match &args.metrics_listen {
+        Some(addr) => {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr} for --metrics-listen"))?;
+            tracing::info!(addr = %metrics.local_addr()?, "metrics at /metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
+    head_trainer::run_with_metrics(listener, metrics, config, shutdown_signal()).await?;
     Ok(())
 }
 

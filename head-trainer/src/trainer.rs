@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::heads::{Head, HeadKind, TrainOptions, TrainSet};
+use crate::metrics::Metrics;
 use crate::store::{Store, TrainingLock};
 use crate::tenants::{Tenant, stored_heads};
 use crate::{Error, Result};
@@ -38,6 +39,7 @@ pub struct Trainer {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     jobs: tokio::sync::Semaphore,
+    metrics: Arc<Metrics>,
 }
 
 impl Trainer {
@@ -46,6 +48,7 @@ impl Trainer {
         opts: TrainOptions,
         default_kind: HeadKind,
         max_jobs: usize,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -54,6 +57,7 @@ impl Trainer {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             jobs: tokio::sync::Semaphore::new(max_jobs.max(1)),
+            metrics,
         })
     }
 
@@ -125,6 +129,7 @@ impl Trainer {
         let previous = tenant.current().trained.get(&kind).cloned();
         let (store, opts) = (Arc::clone(&self.store), self.opts.clone());
         let (name, model) = (tenant.name.clone(), model.to_string());
+        let metrics = Arc::clone(&self.metrics);
         let head = tokio::task::spawn_blocking(move || -> Result<Arc<Head>> {
             // Released here, off the reactor: releasing is a round trip to the database.
             let _one_replica = one_replica;
@@ -139,21 +144,27 @@ impl Trainer {
                     .filter(|h| h.meta.revision >= snap.taxonomy.revision && h.meta.model == model);
                 if let Some(head) = current {
                     tracing::info!(tenant = %name, %kind, version = head.meta.version, "head already trained on these examples (by another replica)");
+                    metrics.trained(kind.as_str(), "reused", None);
                     return Ok(head);
                 }
             }
             let ts = TrainSet::new(&model, &snap.examples, |c| snap.taxonomy.group_of(c))?;
-            let mut head = Head::train(kind, &ts, previous.as_deref(), &opts)?;
+            let mut head = Head::train(kind, &ts, previous.as_deref(), &opts)
+                .inspect_err(|_| metrics.trained(kind.as_str(), "failed", None))?;
             head.meta.revision = snap.taxonomy.revision;
             if kind == HeadKind::Prototype {
                 head.meta.version = snap.taxonomy.prototype_version;
+                metrics.trained(kind.as_str(), "trained", Some(started.elapsed()));
                 return Ok(Arc::new(head));
             }
-            let version = store.save_head(&name, kind.as_str(), &mut |v| {
-                head.meta.version = v;
-                head.to_bytes()
-            })?;
+            let version = store
+                .save_head(&name, kind.as_str(), &mut |v| {
+                    head.meta.version = v;
+                    head.to_bytes()
+                })
+                .inspect_err(|_| metrics.trained(kind.as_str(), "failed", None))?;
             head.meta.version = version;
+            metrics.trained(kind.as_str(), "trained", Some(started.elapsed()));
             tracing::info!(
                 tenant = %name, %kind, version, classes = ts.classes.len(), examples = ts.len(),
                 steps = head.meta.steps, train_ms = head.meta.train_ms,

@@ -156,11 +156,12 @@ impl Core {
             })
             .collect();
         let (group, group_p) = outcome.best_group;
-        let label = match outcome.decision {
-            Decision::Child(c) => Label::Child(tax.name(c).to_string()),
-            Decision::Parent(p) => Label::Parent(tax.name(p).to_string()),
-            Decision::Unknown => Label::Unknown,
+        let (label, decision) = match outcome.decision {
+            Decision::Child(c) => (Label::Child(tax.name(c).to_string()), "child"),
+            Decision::Parent(p) => (Label::Parent(tax.name(p).to_string()), "parent"),
+            Decision::Unknown => (Label::Unknown, "unknown"),
         };
+        self.metrics.classified(&head.meta.kind, decision);
         let parent_branch = pred.parent_branch.as_ref().and_then(|probs| {
             let (i, p) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
             let g = *head.meta.groups.get(i)?;
@@ -195,6 +196,7 @@ impl Core {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(tenant, model, &hash);
         if let Some(v) = cached {
+            self.metrics.embedding_from("memory");
             return Ok(v);
         }
         let (t, m) = (tenant.to_string(), model.to_string());
@@ -202,8 +204,12 @@ impl Core {
             .blocking("cache lookup", move |store| store.embedding(&t, &hash, &m))
             .await?;
         let v = match stored {
-            Some(v) => Arc::new(v),
+            Some(v) => {
+                self.metrics.embedding_from("store");
+                Arc::new(v)
+            }
             None => {
+                self.metrics.embedding_from("feature_server");
                 let mut r = self
                     .features
                     .embed(vec![(String::new(), image)], deadline)

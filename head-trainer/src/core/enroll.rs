@@ -174,12 +174,21 @@ impl Core {
             rejected = acc.rejected.len(), examples = outcome.examples, revision = outcome.revision, "enrolled"
         );
         self.written(&tenant, &model.id, true).await?;
+        let m = &self.metrics;
+        m.photos(
+            "embedded",
+            u64::from(acc.accepted.saturating_sub(acc.cached)),
+        );
+        m.photos("cached", u64::from(acc.cached));
+        m.photos("rejected", acc.rejected.len() as u64);
 
         let mut time_to_live = None;
         if start.wait_for_head && self.config.default_head.is_trained() {
             self.wait_for_head(&tenant, outcome.revision, self.config.wait_for_head_timeout)
                 .await?;
-            time_to_live = Some(last_photo.elapsed());
+            let took = last_photo.elapsed();
+            m.time_to_live_seconds.observe(took.as_secs_f64());
+            time_to_live = Some(took);
         }
         Ok(Enrolled {
             class_name: class,

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::features::{EmbeddingSource, Model};
 use crate::heads::HeadKind;
 use crate::inflight::{InflightBudget, Uploads};
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreEvent};
 use crate::tenants::{Tenant, Tenants};
 use crate::trainer::Trainer;
@@ -44,16 +45,19 @@ pub struct Core {
     uploads: Uploads,
     /// Embeddings of recently classified photos.
     cache: Mutex<EmbeddingLru>,
+    metrics: Arc<Metrics>,
 }
 
 impl Core {
     /// The core over an open store and a source of embeddings.
     pub fn new(config: Config, store: Arc<dyn Store>, features: Arc<dyn EmbeddingSource>) -> Self {
+        let metrics = Arc::new(Metrics::default());
         let trainer = Trainer::new(
             Arc::clone(&store),
             config.train.clone(),
             config.default_head,
             config.max_training_jobs,
+            Arc::clone(&metrics),
         );
         let tenants = Tenants::new(
             Arc::clone(&store),
@@ -75,7 +79,19 @@ impl Core {
             budget,
             uploads,
             cache,
+            metrics,
         }
+    }
+
+    /// The Prometheus series the core and its faces record. A face that records per call
+    /// holds this, not the core: a response still in flight must not keep the store open.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics in the text exposition format, the state gauges read now.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(self.tenants.loaded())
     }
 
     pub fn config(&self) -> &Config {

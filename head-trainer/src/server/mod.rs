@@ -32,6 +32,9 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use taxon_ops::grpc_metrics::{GrpcMetricsLayer, Recorder};
+use taxon_ops::metrics_http;
+
 use crate::config::Config;
 use crate::core::Core;
 use crate::features::{EmbeddingSource, FeatureClient, Timeouts};
@@ -48,6 +51,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    run_with_metrics(listener, None, config, shutdown).await
+}
+
+/// [`run`], also serving Prometheus metrics at `/metrics` on `metrics` (`--metrics-listen`).
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     config.validate()?;
     let features = FeatureClient::connect(
         &config.features_urls,
@@ -60,12 +73,38 @@ pub async fn run(
         (config.max_photo_bytes + (1 << 20)).max(64 << 20),
         config.views,
     )?;
-    run_with_source(listener, config, features, shutdown).await
+    serve(listener, metrics, config, features, shutdown).await
 }
 
 /// [`run`] with any source of embeddings (tests use a fake).
 pub async fn run_with_source(
     listener: TcpListener,
+    config: Config,
+    features: Arc<dyn EmbeddingSource>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    serve(listener, None, config, features, shutdown).await
+}
+
+/// The methods served here, the only values of the metrics' `rpc` label (others: `other`).
+const KNOWN_METHODS: [&str; 11] = [
+    "taxon.v1.Classifier/Enroll",
+    "taxon.v1.Classifier/Classify",
+    "taxon.v1.Classifier/ClassifyStream",
+    "taxon.v1.Classifier/ListClasses",
+    "taxon.v1.Classifier/RemoveClass",
+    "taxon.v1.Classifier/RenameClass",
+    "taxon.v1.Classifier/Train",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Everything [`run`] does, with any source of embeddings and an optional metrics listener.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     config: Config,
     features: Arc<dyn EmbeddingSource>,
     shutdown: impl Future<Output = ()>,
@@ -99,6 +138,25 @@ pub async fn run_with_source(
     let core = Arc::new(Core::new(config, store, Arc::clone(&features)));
     let following = core.follow_store()?;
     let auth = Arc::new(auth);
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = metrics.map(|listener| {
+        // Weak: a scrape connection left open must not keep the core (and the store) alive.
+        let core = Arc::downgrade(&core);
+        let render = Arc::new(move || {
+            core.upgrade()
+                .map(|c| c.render_metrics())
+                .unwrap_or_default()
+        });
+        tokio::spawn(metrics_http::serve(
+            listener,
+            render,
+            metrics_stop.clone().cancelled_owned(),
+        ))
+    });
+    // The recorder holds the metrics only: a response body dropped after `run` returns (a
+    // severed connection) must not keep the core, and so the store, open.
+    let calls = core.metrics().calls.clone();
+    let record: Recorder = Arc::new(move |rpc, code, took| calls.record(rpc, code, took));
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -141,6 +199,7 @@ pub async fn run_with_source(
         .map(move |conn| conn.map(|c| Severable::new(c, &cuttable)));
     let mut served = tokio::spawn(
         Server::builder()
+            .layer(GrpcMetricsLayer::new(&KNOWN_METHODS, record))
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .add_service(health)
             .add_service(reflection_v1)
@@ -176,6 +235,15 @@ pub async fn run_with_source(
     let _ = following.await; // it holds the core
     tracing::info!("no longer serving; waiting for training jobs");
     core.shutdown(grace).await;
+    // Scrapes go on through the drain, then get a second to finish.
+    metrics_stop.cancel();
+    if let Some(mut task) = metrics_task
+        && tokio::time::timeout(Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+    {
+        task.abort();
+    }
     drop(core);
     served
         .map_err(|e| Error::Unavailable(format!("server task: {e}")))?

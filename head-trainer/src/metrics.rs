@@ -1,0 +1,164 @@
+//! Prometheus metrics: calls, what tenants teach and ask, training, the embedding cache.
+//!
+//! One registry per server (see the feature-server's metrics for why not a global). Labels
+//! take values from fixed sets only (head kinds, decisions, outcomes): never a tenant, class
+//! or photo name, so no caller can grow the number of series. Gauges that mirror state kept
+//! elsewhere (loaded tenants) are read when scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use taxon_ops::rpc_metrics::{RpcMetrics, seconds_histogram};
+
+/// A photo sent to Enroll: `embedded` (new), `cached` (its embedding was already stored) or
+/// `rejected`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhotoLabels {
+    pub outcome: &'static str,
+}
+
+/// The head that answered a classify and what it decided (`child`, `parent`, `unknown`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub head: String,
+    pub decision: &'static str,
+}
+
+/// A training job's head kind and how it ended: `trained`, `reused` (a head another replica
+/// trained on the same examples) or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrainingLabels {
+    pub head: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeadLabel {
+    pub head: String,
+}
+
+/// Where a classified photo's embedding came from: `memory` (the LRU), `store` (enrolled
+/// before), or `feature_server`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
+/// Every series the head-trainer exports, named `taxon_head_trainer_*`.
+pub struct Metrics {
+    registry: Registry,
+    /// Calls by method and status, and their durations ([`taxon_ops::grpc_metrics`]).
+    pub calls: RpcMetrics,
+    pub enrolled_photos: Family<PhotoLabels, Counter>,
+    pub classifications: Family<DecisionLabels, Counter>,
+    pub training_jobs: Family<TrainingLabels, Counter>,
+    pub training_seconds: Family<HeadLabel, Histogram, fn() -> Histogram>,
+    /// From an Enroll's last photo to its trained head being live (`wait_for_head` only).
+    pub time_to_live_seconds: Histogram,
+    pub embeddings: Family<SourceLabel, Counter>,
+    loaded_tenants: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("taxon_head_trainer");
+        let calls = RpcMetrics::register(&mut r);
+        let enrolled_photos = Family::<PhotoLabels, Counter>::default();
+        r.register(
+            "enrolled_photos",
+            "Photos sent to Enroll, by outcome (embedded, cached, rejected)",
+            enrolled_photos.clone(),
+        );
+        let classifications = Family::<DecisionLabels, Counter>::default();
+        r.register(
+            "classifications",
+            "Images classified, by the head that answered and its decision",
+            classifications.clone(),
+        );
+        let training_jobs = Family::<TrainingLabels, Counter>::default();
+        r.register(
+            "training_jobs",
+            "Training jobs by head kind and outcome (trained, reused, failed)",
+            training_jobs.clone(),
+        );
+        let training_seconds: Family<HeadLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(seconds_histogram);
+        r.register(
+            "training_seconds",
+            "Seconds per training job that trained a head",
+            training_seconds.clone(),
+        );
+        let time_to_live_seconds = seconds_histogram();
+        r.register(
+            "time_to_live_seconds",
+            "Seconds from an Enroll's last photo to its trained head being live (wait_for_head)",
+            time_to_live_seconds.clone(),
+        );
+        let embeddings = Family::<SourceLabel, Counter>::default();
+        r.register(
+            "classify_embeddings",
+            "Embeddings of classified photos, by where they came from (memory, store, feature_server)",
+            embeddings.clone(),
+        );
+        let loaded_tenants = Gauge::default();
+        r.register(
+            "loaded_tenants",
+            "Tenants held in memory",
+            loaded_tenants.clone(),
+        );
+        Self {
+            registry: r,
+            calls,
+            enrolled_photos,
+            classifications,
+            training_jobs,
+            training_seconds,
+            time_to_live_seconds,
+            embeddings,
+            loaded_tenants,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn photos(&self, outcome: &'static str, n: u64) {
+        self.enrolled_photos
+            .get_or_create(&PhotoLabels { outcome })
+            .inc_by(n);
+    }
+
+    pub fn classified(&self, head: &str, decision: &'static str) {
+        let head = head.to_string();
+        self.classifications
+            .get_or_create(&DecisionLabels { head, decision })
+            .inc();
+    }
+
+    pub fn trained(&self, head: &str, outcome: &'static str, took: Option<std::time::Duration>) {
+        let head = head.to_string();
+        if let Some(took) = took {
+            self.training_seconds
+                .get_or_create(&HeadLabel { head: head.clone() })
+                .observe(took.as_secs_f64());
+        }
+        self.training_jobs
+            .get_or_create(&TrainingLabels { head, outcome })
+            .inc();
+    }
+
+    pub fn embedding_from(&self, source: &'static str) {
+        self.embeddings.get_or_create(&SourceLabel { source }).inc();
+    }
+
+    /// The text exposition, with the state gauges as they are now.
+    pub fn render(&self, loaded_tenants: usize) -> String {
+        self.loaded_tenants.set(loaded_tenants as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
