@@ -231,6 +231,22 @@ print(f"acknowledged enrolls present with both photos: {len(acked) - len(lost)}/
 sys.exit(1 if lost or not acked else 0)
 EOF
 
+# Prometheus metrics inside the network (port 9090, not published), scraped from within
+# each container with the image's own Python.
+scrape() {
+  docker exec "$1" python3 -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:9090/metrics").read().decode())' \
+    || fail "no /metrics in $(docker inspect -f '{{.Name}}' "$1")"
+}
+calls=0
+for s in head-trainer-1 head-trainer-2; do
+  n=$(scrape "$("${scale[@]}" ps -q $s)" | awk '/^taxon_head_trainer_rpcs_total\{rpc="taxon.v1.Classifier/ { s += $NF } END { print s + 0 }')
+  echo "metrics: $s answered $n Classifier calls since it (re)started"
+  calls=$((calls + n))
+done
+[ "$calls" -gt 0 ] || fail "the head-trainers' metrics counted no calls"
+n=$(scrape "$("${scale[@]}" ps -q feature-server | head -1)" | awk '/^taxon_features_items_total/ { s += $NF } END { print s + 0 }')
+echo "metrics: a feature-server answered $n items since it (re)started"
+
 phase "scaled: --scale feature-server=3, no restart"
 embedded() {
   for id in $("${scale[@]}" ps -q feature-server); do
