@@ -52,11 +52,13 @@ impl Service {
     }
 }
 
-/// Adds `x-tenant` and `authorization: Bearer ...` to every request.
+/// Adds `x-tenant`, `authorization: Bearer ...` and the deadline (`grpc-timeout`, from
+/// `--timeout-s`) to every request.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
     tenant: Option<AsciiMetadataValue>,
     token: Option<AsciiMetadataValue>,
+    timeout: Option<Duration>,
 }
 
 impl Auth {
@@ -76,7 +78,18 @@ impl Auth {
             })?),
             None => None,
         };
-        Ok(Self { tenant, token })
+        Ok(Self {
+            tenant,
+            token,
+            timeout: None,
+        })
+    }
+
+    /// Every call gets `timeout` as its deadline (each attempt of a retried call its own):
+    /// the servers stop working on it then, and pass what remains on to the feature-server.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
     }
 }
 
@@ -87,6 +100,9 @@ impl Interceptor for Auth {
         }
         if let Some(t) = &self.token {
             req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(t) = self.timeout {
+            req.set_timeout(t);
         }
         Ok(req)
     }
@@ -184,7 +200,24 @@ impl Conn {
         move |status| Error::Rpc {
             call,
             addr: self.addr.clone(),
-            status,
+            status: self.own_deadline(status),
+        }
+    }
+
+    /// tonic's own timer, when our deadline fires before the server's answer, reports
+    /// CANCELLED "Timeout expired"; the person asked for a deadline and should read that.
+    fn own_deadline(&self, status: tonic::Status) -> tonic::Status {
+        match self.auth.timeout {
+            Some(t)
+                if status.code() == tonic::Code::Cancelled
+                    && status.message() == "Timeout expired" =>
+            {
+                tonic::Status::deadline_exceeded(format!(
+                    "no answer within --timeout-s {}",
+                    t.as_secs_f64()
+                ))
+            }
+            _ => status,
         }
     }
 }
@@ -202,6 +235,19 @@ mod tests {
             req.metadata().get("authorization").unwrap(),
             "Bearer s3cret"
         );
+    }
+
+    #[test]
+    fn a_timeout_travels_as_grpc_timeout() {
+        let mut auth = Auth::new(None, None)
+            .unwrap()
+            .with_timeout(Some(Duration::from_secs(5)));
+        let req = auth.call(tonic::Request::new(())).unwrap();
+        let sent = taxon_proto::grpc_timeout(req.metadata()).expect("grpc-timeout");
+        assert_eq!(sent, Duration::from_secs(5));
+        let mut none = Auth::new(None, None).unwrap();
+        let req = none.call(tonic::Request::new(())).unwrap();
+        assert!(req.metadata().get("grpc-timeout").is_none());
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct Cli {
     /// to this many seconds, with backoff; 0 fails at once.
     #[arg(long, env = "TAXON_RETRY_S", default_value_t = 30, global = true)]
     pub retry_s: u64,
+    /// Deadline of each call in seconds (sent as `grpc-timeout`; the server gives up then and
+    /// answers DEADLINE_EXCEEDED); 0: none from the client (the server's own applies).
+    #[arg(long, env = "TAXON_TIMEOUT_S", default_value_t = 0.0, global = true)]
+    pub timeout_s: f64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -92,12 +96,14 @@ pub struct Ctx<'a> {
     pub token: Option<String>,
     pub json: bool,
     pub retry: RetryPolicy,
+    /// Each call's deadline, from `--timeout-s`.
+    pub timeout: Option<std::time::Duration>,
     pub out: &'a mut dyn Write,
 }
 
 impl Ctx<'_> {
     pub fn auth(&self) -> Result<Auth> {
-        Auth::new(self.tenant.as_deref(), self.token.as_deref())
+        Ok(Auth::new(self.tenant.as_deref(), self.token.as_deref())?.with_timeout(self.timeout))
     }
 
     /// Connects to the head-trainer at `--server`.
@@ -118,6 +124,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
         token: cli.token,
         json: cli.json,
         retry: RetryPolicy::new(std::time::Duration::from_secs(cli.retry_s)),
+        timeout: timeout(cli.timeout_s)?,
         out,
     };
     let outcome = match cli.command {
@@ -133,6 +140,22 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
     };
     ctx.out.flush()?;
     Ok(outcome)
+}
+
+/// `--timeout-s` as a deadline: none for 0, an error for a value no deadline can be.
+fn timeout(seconds: f64) -> Result<Option<std::time::Duration>> {
+    if seconds == 0.0 {
+        return Ok(None);
+    }
+    std::time::Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "--timeout-s {seconds}: give a positive number of seconds, or 0 for none"
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -163,6 +186,18 @@ mod tests {
         assert_eq!(args.class.as_deref(), Some("mymug"));
         assert_eq!(args.parent, "kitchenware");
         assert_eq!(args.paths, vec!["./pics".to_string()]);
+    }
+
+    #[test]
+    fn timeouts_are_positive_seconds_or_none() {
+        assert_eq!(timeout(0.0).unwrap(), None);
+        assert_eq!(
+            timeout(2.5).unwrap(),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert!(timeout(-1.0).is_err());
+        assert!(timeout(f64::NAN).is_err());
+        assert!(timeout(1e-12).is_err(), "rounds to zero");
     }
 
     #[tokio::test]

@@ -133,11 +133,17 @@ impl Classifier for Flaky {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    /// Never answers: only a deadline ends it.
     async fn list_classes(
         &self,
-        _: Request<ListClassesRequest>,
+        req: Request<ListClassesRequest>,
     ) -> Result<Response<ListClassesResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        let timeout = taxon_proto::grpc_timeout(req.metadata());
+        self.calls
+            .lock()
+            .unwrap()
+            .push(vec![format!("{timeout:?}")]);
+        std::future::pending().await
     }
 
     async fn remove_class(
@@ -274,5 +280,24 @@ async fn other_statuses_fail_at_once_and_a_spent_budget_fails_with_the_last_stat
         down.calls.lock().unwrap().len(),
         1,
         "--retry-s 0: one attempt"
+    );
+}
+
+#[tokio::test]
+async fn timeout_s_is_each_calls_deadline() {
+    let stuck = Flaky::new(0, Code::Ok);
+    let server = serve(stuck.clone()).await;
+    let args = ["--timeout-s", "0.2", "classes"].map(String::from);
+    let (r, _) = run(&server, "30", &args).await;
+    let Err(Error::Rpc { status, .. }) = r else {
+        panic!("expected the deadline, got {r:?}");
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("--timeout-s 0.2"), "{status:?}");
+    let calls = stuck.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [["Some(200ms)"]],
+        "sent as grpc-timeout, not retried"
     );
 }

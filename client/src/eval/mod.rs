@@ -154,7 +154,8 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
     let mut model = String::new();
     for (k, seed, split) in &plan {
         let tenant = protocol::tenant_name(pid, &ds.name, *k, *seed);
-        let conn = base.with_auth(Auth::new(Some(&tenant), ctx.token.as_deref())?);
+        let conn = base
+            .with_auth(Auth::new(Some(&tenant), ctx.token.as_deref())?.with_timeout(ctx.timeout));
         let result =
             protocol::run_one(&conn, &ds, split, (*k, *seed), &args.heads, &strangers, &pb).await;
         if model.is_empty()
