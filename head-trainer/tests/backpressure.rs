@@ -180,3 +180,39 @@ async fn one_oversized_photo_is_one_rejected_item() {
         other => panic!("big: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_expires_mid_enroll_leaves_no_half_written_class() {
+    let features = FakeFeatures::start(64, Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let trainer = Trainer::start(config(&features.url(), dir.path())).await;
+    common::wait_health(trainer.addr, "taxon.v1.Classifier", 1).await;
+    let mut client = trainer.client();
+    let kept = enroll_messages("kept", blobs("kept", 2, 64));
+    client
+        .enroll(tokio_stream::iter(kept))
+        .await
+        .expect("enroll");
+
+    // The feature-server now takes far longer than the caller will wait.
+    features.counters.work_ms.store(5_000, Ordering::SeqCst);
+    let late = enroll_messages("late", blobs("late", 3, 64));
+    let mut req = tonic::Request::new(tokio_stream::iter(late));
+    req.set_timeout(Duration::from_millis(300));
+    let err = client.enroll(req).await.expect_err("past its deadline");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+
+    features.counters.work_ms.store(0, Ordering::SeqCst);
+    let classes = client
+        .list_classes(taxon_proto::v1::ListClassesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .classes;
+    let names: Vec<(&str, u32)> = classes
+        .iter()
+        .map(|c| (c.name.as_str(), c.examples))
+        .collect();
+    assert_eq!(names, [("kept", 2)], "the late enroll wrote nothing");
+    features.stop().await;
+}
