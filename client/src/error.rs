@@ -133,16 +133,8 @@ fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
 
 /// `NOT_FOUND`, `FAILED_PRECONDITION`: a gRPC code as the spec and other tools spell it, for
 /// item errors (which carry the code as a number) and call failures alike.
-pub fn code_name(code: i32) -> String {
-    let camel = format!("{:?}", Code::from_i32(code));
-    let mut out = String::new();
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
+pub fn code_name(code: i32) -> &'static str {
+    taxon_proto::code_name(Code::from_i32(code))
 }
 
 /// Joins an error and its sources, because tonic's transport errors say only "transport error"

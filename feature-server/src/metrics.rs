@@ -20,7 +20,7 @@ use taxon_ops::rpc_metrics::RpcMetrics;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ItemLabels {
     pub views: &'static str,
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 /// Every series the feature-server exports, named `taxon_features_*`.
@@ -92,7 +92,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one answered item; `outcome` is `None` for an embedding.
     pub fn item(&self, views: &'static str, error: Option<tonic::Code>) {
-        let outcome = error.map_or_else(|| "ok".to_string(), code_name);
+        let outcome = error.map_or("ok", code_name);
         self.items
             .get_or_create(&ItemLabels { views, outcome })
             .inc();

@@ -55,7 +55,7 @@ async fn counters_move_by_what_was_sent() {
         )
     };
     assert_eq!(items("center", "ok"), 5.0, "{after}");
-    assert_eq!(items("center", &garbage_code), 1.0, "{after}");
+    assert_eq!(items("center", garbage_code), 1.0, "{after}");
     assert_eq!(items("unknown", "INVALID_ARGUMENT"), 1.0, "{after}");
     let rpcs = |rpc: &str| {
         value(

@@ -23,7 +23,7 @@ pub struct PhotoLabels {
 /// The head that answered a classify and what it decided (`child`, `parent`, `unknown`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
-    pub head: String,
+    pub head: &'static str,
     pub decision: &'static str,
 }
 
@@ -31,13 +31,13 @@ pub struct DecisionLabels {
 /// trained on the same examples) or `failed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrainingLabels {
-    pub head: String,
+    pub head: &'static str,
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HeadLabel {
-    pub head: String,
+    pub head: &'static str,
 }
 
 /// Where a classified photo's embedding came from: `memory` (the LRU), `store` (enrolled
@@ -130,18 +130,21 @@ impl Metrics {
             .inc_by(n);
     }
 
-    pub fn classified(&self, head: &str, decision: &'static str) {
-        let head = head.to_string();
+    pub fn classified(&self, head: &'static str, decision: &'static str) {
         self.classifications
             .get_or_create(&DecisionLabels { head, decision })
             .inc();
     }
 
-    pub fn trained(&self, head: &str, outcome: &'static str, took: Option<std::time::Duration>) {
-        let head = head.to_string();
+    pub fn trained(
+        &self,
+        head: &'static str,
+        outcome: &'static str,
+        took: Option<std::time::Duration>,
+    ) {
         if let Some(took) = took {
             self.training_seconds
-                .get_or_create(&HeadLabel { head: head.clone() })
+                .get_or_create(&HeadLabel { head })
                 .observe(took.as_secs_f64());
         }
         self.training_jobs

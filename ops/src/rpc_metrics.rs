@@ -11,7 +11,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
     pub rpc: &'static str,
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// A gRPC method, for its latency histogram.

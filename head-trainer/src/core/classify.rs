@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::{Caller, ClassScore, Classification, ClassifyInput, Core, HeadRef, Label};
 use crate::decision::{Decision, Scored, decide};
 use crate::features::Model;
+use crate::heads::HeadKind;
 use crate::tenants::Tenant;
 use crate::{Error, Result};
 
@@ -161,7 +162,13 @@ impl Core {
             Decision::Parent(p) => (Label::Parent(tax.name(p).to_string()), "parent"),
             Decision::Unknown => (Label::Unknown, "unknown"),
         };
-        self.metrics.classified(&head.meta.kind, decision);
+        // The label from the fixed set of kinds, whatever a stored head's name says.
+        let kind = head
+            .meta
+            .kind
+            .parse::<HeadKind>()
+            .map_or("other", HeadKind::as_str);
+        self.metrics.classified(kind, decision);
         let parent_branch = pred.parent_branch.as_ref().and_then(|probs| {
             let (i, p) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
             let g = *head.meta.groups.get(i)?;
