@@ -44,6 +44,9 @@ pub struct Config {
     pub max_photo_bytes: usize,
     /// Most photos in one Enroll.
     pub max_photos_per_enroll: usize,
+    /// Largest HTTP request body (an enroll's multipart upload); a photo over
+    /// `max_photo_bytes` inside it is refused on its own, the rest goes on.
+    pub http_max_body_bytes: usize,
     /// Image bytes held at once across every Enroll and Classify call (see `inflight`).
     pub max_inflight_bytes: usize,
     /// Training jobs running at once, across tenants (each uses a core while it runs).
@@ -83,6 +86,7 @@ impl Config {
             views: ViewSet::ScalesAndMirrors,
             max_photo_bytes: 16 << 20,
             max_photos_per_enroll: 1000,
+            http_max_body_bytes: 256 << 20,
             max_inflight_bytes: 256 << 20,
             max_training_jobs: 2,
             max_concurrent_uploads: 16,
@@ -107,6 +111,12 @@ impl Config {
             return bad(format!(
                 "--max-inflight-bytes {} is smaller than one photo (--max-photo-bytes {})",
                 self.max_inflight_bytes, self.max_photo_bytes
+            ));
+        }
+        if self.http_max_body_bytes < self.max_photo_bytes {
+            return bad(format!(
+                "--http-max-body-bytes {} is smaller than one photo (--max-photo-bytes {})",
+                self.http_max_body_bytes, self.max_photo_bytes
             ));
         }
         if self.max_photo_bytes > u32::MAX as usize - (1 << 20) {
@@ -168,6 +178,13 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (off when unset).
     #[arg(long, env = "TAXON_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Serve the HTTP/JSON API and the web page at http://ADDR/ (off when unset).
+    #[arg(long, env = "TAXON_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<String>,
+    /// Largest HTTP request body in bytes (one enroll upload of many photos; split larger
+    /// uploads into several calls).
+    #[arg(long, env = "TAXON_HTTP_MAX_BODY_BYTES", default_value_t = 256 << 20)]
+    pub http_max_body_bytes: usize,
     /// Feature-server URL; repeat (or comma-separate in the env var) to balance over several.
     #[arg(
         long = "features-url",
@@ -286,6 +303,7 @@ impl Args {
         c.share_embedding_cache = self.share_embedding_cache;
         c.views = self.views;
         c.max_photo_bytes = self.max_photo_bytes;
+        c.http_max_body_bytes = self.http_max_body_bytes;
         c.thresholds = Thresholds {
             unknown_similarity: self.unknown_similarity,
             child_min_probability: self.child_min_probability,

@@ -11,6 +11,9 @@ pub enum Error {
     /// A class name that the tenant does not have.
     #[error("unknown class `{0}`")]
     UnknownClass(String),
+    /// An HTTP path that is not a route of the API.
+    #[error("no route `{0}`: the routes are described at /openapi.json")]
+    NotFoundPath(String),
     /// A class name that is empty, too long or has control characters.
     #[error("invalid class name {name:?}: {why}")]
     InvalidClassName { name: String, why: &'static str },
@@ -27,6 +30,9 @@ pub enum Error {
         bytes: usize,
         limit: usize,
     },
+    /// An HTTP request body over its limit (`--http-max-body-bytes`, or one photo's).
+    #[error("request body is over the limit of {limit} bytes ({what})")]
+    BodyTooLarge { limit: usize, what: &'static str },
     /// Every photo of an Enroll was rejected, so nothing was written.
     #[error("no photo accepted ({0})")]
     NothingAccepted(String),
@@ -135,11 +141,12 @@ impl Error {
     /// The gRPC code of this error; also used for per-photo rejections in Enroll.
     pub fn code(&self) -> Code {
         match self {
-            Error::UnknownClass(_) | Error::NoHead(_) => Code::NotFound,
+            Error::UnknownClass(_) | Error::NoHead(_) | Error::NotFoundPath(_) => Code::NotFound,
             Error::InvalidClassName { .. }
             | Error::InvalidArgument(_)
             | Error::EmptyStream
             | Error::PhotoTooLarge { .. }
+            | Error::BodyTooLarge { .. }
             | Error::NothingAccepted(_) => Code::InvalidArgument,
             Error::NoClasses(_) | Error::Precondition(_) | Error::ModelMismatch { .. } => {
                 Code::FailedPrecondition

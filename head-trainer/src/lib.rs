@@ -4,6 +4,7 @@
 //! Layout, outermost first:
 //! - [`server`]: `run(listener, config, shutdown)`: health, reflection, graceful shutdown;
 //! - [`service`]: the gRPC face: an auth interceptor and proto <-> domain conversion;
+//! - [`http`]: the HTTP/JSON face and the web page, over the same core and the same auth;
 //! - [`core`]: enroll, classify, list, rename, remove and train in plain Rust types, owning
 //!   every part below (a face never reaches past it);
 //! - [`tenants`]: each tenant's live taxonomy and heads, swapped atomically;
@@ -13,7 +14,7 @@
 //! - [`store`]: the durable state behind a trait (redb, embedded, by default); [`heads`]: the
 //!   models; [`decision`]: the rules.
 //!
-//! Everything below `service` knows nothing of tonic (`features` is a gRPC client, but its
+//! Everything below the faces knows nothing of tonic or axum (`features` is a gRPC client, but its
 //! trait speaks plain types).
 
 pub mod config;
@@ -22,6 +23,7 @@ pub mod decision;
 pub mod error;
 pub mod features;
 pub mod heads;
+pub mod http;
 pub mod inflight;
 pub mod metrics;
 pub mod server;
@@ -33,4 +35,4 @@ pub mod trainer;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use server::{run, run_with_metrics, run_with_source, serve};
+pub use server::{Listeners, run, run_on, run_with_source, serve};

@@ -22,18 +22,35 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "listening");
-    let metrics = match &args.metrics_listen {
-        Some(addr) => {
-            let metrics = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr} for --metrics-listen"))?;
-            tracing::info!(addr = %metrics.local_addr()?, "metrics at /metrics");
-            Some(metrics)
-        }
-        None => None,
+    let metrics = bind_optional(args.metrics_listen.as_deref(), "--metrics-listen").await?;
+    if let Some(m) = &metrics {
+        tracing::info!(addr = %m.local_addr()?, "metrics at /metrics");
+    }
+    let http = bind_optional(args.http_listen.as_deref(), "--http-listen").await?;
+    if let Some(h) = &http {
+        tracing::info!(addr = %h.local_addr()?, "HTTP API and web page at http://{}/", h.local_addr()?);
+    }
+    let listeners = head_trainer::Listeners {
+        grpc: listener,
+        metrics,
+        http,
     };
-    head_trainer::run_with_metrics(listener, metrics, config, shutdown_signal()).await?;
+    head_trainer::run_on(listeners, config, shutdown_signal()).await?;
     Ok(())
+}
+
+async fn bind_optional(
+    addr: Option<&str>,
+    flag: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(addr) => Ok(Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr} for {flag}"))?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Completes on SIGTERM (what orchestrators send) or ctrl-c.

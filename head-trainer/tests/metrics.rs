@@ -29,9 +29,13 @@ async fn counters_move_by_what_was_done() {
         metrics.local_addr().unwrap(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(head_trainer::run_with_metrics(
-        listener,
-        Some(metrics),
+    let listeners = head_trainer::Listeners {
+        grpc: listener,
+        metrics: Some(metrics),
+        http: None,
+    };
+    let server = tokio::spawn(head_trainer::run_on(
+        listeners,
         config(&features.url(), dir.path()),
         async {
             let _ = stopped.await;

@@ -103,6 +103,20 @@ impl Core {
         &self.features
     }
 
+    /// The largest photo accepted now: ours, or the feature-server's when it is lower and
+    /// known. A face checks bodies against it before handing them in.
+    pub fn max_photo_bytes(&self) -> usize {
+        self.model()
+            .map_or(self.config.max_photo_bytes, |m| self.photo_limit(&m))
+    }
+
+    /// The model identity once a feature-server has answered, and whether one answers now:
+    /// what readiness is.
+    pub fn readiness(&self) -> (Option<String>, bool) {
+        let model = self.features.info().borrow().as_ref().map(|m| m.id.clone());
+        (model, *self.features.reachable().borrow())
+    }
+
     /// Stops starting training jobs and gives running ones `grace` to save their heads.
     pub async fn shutdown(&self, grace: Duration) {
         self.trainer.shutdown(grace).await;

@@ -38,11 +38,31 @@ use taxon_ops::metrics_http;
 use crate::config::Config;
 use crate::core::Core;
 use crate::features::{EmbeddingSource, FeatureClient, Timeouts};
+use crate::http;
 use crate::service::{Auth, ClassifierService};
 use crate::store::{PostgresStore, RedbStore, Store};
 use crate::{Error, Result};
 use futures::StreamExt;
 use severable::Severable;
+
+/// The sockets a head-trainer serves on: gRPC always; Prometheus metrics
+/// (`--metrics-listen`) and the HTTP/JSON API with its web page (`--http-listen`) when given.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// gRPC only.
+    pub fn grpc(grpc: TcpListener) -> Self {
+        Self {
+            grpc,
+            metrics: None,
+            http: None,
+        }
+    }
+}
 
 /// Serves `taxon.v1.Classifier` on `listener` until `shutdown` completes, with embeddings
 /// from the feature-servers of `config.features_urls`.
@@ -51,13 +71,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    run_with_metrics(listener, None, config, shutdown).await
+    run_on(Listeners::grpc(listener), config, shutdown).await
 }
 
-/// [`run`], also serving Prometheus metrics at `/metrics` on `metrics` (`--metrics-listen`).
-pub async fn run_with_metrics(
-    listener: TcpListener,
-    metrics: Option<TcpListener>,
+/// [`run`] on every listener of `listeners`.
+pub async fn run_on(
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
@@ -73,7 +92,7 @@ pub async fn run_with_metrics(
         (config.max_photo_bytes + (1 << 20)).max(64 << 20),
         config.views,
     )?;
-    serve(listener, metrics, config, features, shutdown).await
+    serve(listeners, config, features, shutdown).await
 }
 
 /// [`run`] with any source of embeddings (tests use a fake).
@@ -83,7 +102,7 @@ pub async fn run_with_source(
     features: Arc<dyn EmbeddingSource>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    serve(listener, None, config, features, shutdown).await
+    serve(Listeners::grpc(listener), config, features, shutdown).await
 }
 
 /// The methods served here, the only values of the metrics' `rpc` label (others: `other`).
@@ -101,10 +120,9 @@ const KNOWN_METHODS: [&str; 11] = [
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-/// Everything [`run`] does, with any source of embeddings and an optional metrics listener.
+/// Everything [`run_on`] does, with any source of embeddings.
 pub async fn serve(
-    listener: TcpListener,
-    metrics: Option<TcpListener>,
+    listeners: Listeners,
     config: Config,
     features: Arc<dyn EmbeddingSource>,
     shutdown: impl Future<Output = ()>,
@@ -114,6 +132,11 @@ pub async fn serve(
         Some(path) => Auth::from_file(path)?,
         None => Auth::open(),
     };
+    let Listeners {
+        grpc: listener,
+        metrics,
+        http,
+    } = listeners;
     let store = open_store(&config).await?;
     let addr = listener.local_addr().ok();
     tracing::info!(
@@ -191,6 +214,14 @@ pub async fn serve(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     // Authentication before any method: the tenant travels in the request's extensions.
+    let http_task = http.map(|listener| {
+        let api = http::Api::new(&core, Arc::clone(&auth), draining.clone(), cut.clone());
+        tokio::spawn(http::serve(
+            listener,
+            Arc::new(api),
+            draining.clone().cancelled_owned(),
+        ))
+    });
     let service = InterceptedService::new(service, move |req| auth.intercept(req));
     let stop_accepting = draining.clone();
     let sever = CancellationToken::new();
@@ -227,7 +258,12 @@ pub async fn serve(
             reporter
                 .set_not_serving::<ClassifierServer<ClassifierService>>()
                 .await;
-            drain(&mut served, grace, &cut, &sever).await
+            let grace_ends = tokio::time::Instant::now() + grace;
+            let served = drain(&mut served, grace, &cut, &sever).await;
+            if let Some(task) = http_task {
+                drain_http(task, grace_ends, &cut).await;
+            }
+            served
         }
     };
     health_task.abort();
@@ -297,6 +333,28 @@ async fn drain<T>(
     tracing::warn!("closing the connections still open");
     sever.cancel();
     (&mut *served).await
+}
+
+/// The HTTP face drains like gRPC: requests in flight get what is left of the grace period,
+/// then the cut, then a second; a connection still open after that is dropped with the task.
+async fn drain_http(
+    mut task: tokio::task::JoinHandle<std::io::Result<()>>,
+    grace_ends: tokio::time::Instant,
+    cut: &CancellationToken,
+) {
+    if tokio::time::timeout_at(grace_ends, &mut task)
+        .await
+        .is_err()
+    {
+        cut.cancel();
+        if tokio::time::timeout(Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the HTTP connections still open");
+            task.abort();
+        }
+    }
 }
 
 /// Keeps `taxon.v1.Classifier` SERVING exactly while a feature-server answers and the model

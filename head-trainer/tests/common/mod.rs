@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod http;
 pub mod postgres;
 
 use std::net::SocketAddr;
@@ -212,6 +213,28 @@ impl Trainer {
             stop: Some(stop),
             task,
         }
+    }
+
+    /// [`Trainer::start`] with the HTTP face on its own 127.0.0.1:0 too; returns its address.
+    pub async fn start_with_http(config: head_trainer::Config) -> (Self, SocketAddr) {
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let (listener, http) = (bind().await.expect("bind"), bind().await.expect("bind"));
+        let (addr, http_addr) = (listener.local_addr().unwrap(), http.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = head_trainer::Listeners {
+            grpc: listener,
+            metrics: None,
+            http: Some(http),
+        };
+        let task = tokio::spawn(head_trainer::run_on(listeners, config, async {
+            let _ = stopped.await;
+        }));
+        let trainer = Self {
+            addr,
+            stop: Some(stop),
+            task,
+        };
+        (trainer, http_addr)
     }
 
     pub fn url(&self) -> String {
