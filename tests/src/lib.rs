@@ -4,6 +4,8 @@
 //! Synchronisation is by events (health watches, replies), never by sleeping; every wait has
 //! a generous bound ([`within`]) so that a bug fails a test instead of hanging it.
 
+pub mod webdriver;
+
 use std::future::Future;
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -150,6 +152,31 @@ pub async fn start_head_trainer(config: head_trainer::Config) -> Running<head_tr
         })
         .await
     })
+}
+
+/// [`start_head_trainer`] with the HTTP face (and the page) on its own 127.0.0.1:0 too;
+/// returns the service and the HTTP address.
+pub async fn start_head_trainer_http(
+    config: head_trainer::Config,
+) -> (Running<head_trainer::Error>, SocketAddr) {
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let http = bind().await.expect("bind");
+    let http_addr = http.local_addr().expect("local addr");
+    let running = spawn(
+        bind().await.expect("bind"),
+        move |grpc, stopped| async move {
+            let listeners = head_trainer::Listeners {
+                grpc,
+                metrics: None,
+                http: Some(http),
+            };
+            head_trainer::run_on(listeners, config, async move {
+                let _ = stopped.await;
+            })
+            .await
+        },
+    );
+    (running, http_addr)
 }
 
 /// A channel to `addr` (connects lazily).
