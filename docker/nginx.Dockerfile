@@ -7,5 +7,5 @@ RUN apt-get update -qq \
  && rm -rf /var/lib/apt/lists/*
 COPY nginx.conf /etc/nginx/taxon.conf
 USER www-data
-EXPOSE 50052
+EXPOSE 50052 8080
 ENTRYPOINT ["nginx", "-c", "/etc/nginx/taxon.conf", "-g", "daemon off;"]

@@ -54,7 +54,7 @@ trap cleanup EXIT
 base=taxon-base/debian:bookworm
 export TAXON_BUILD_BASE=$base TAXON_RUNTIME_BASE=$base TAXON_BASE=$base
 export TAXON_BINARIES=prebuilt TAXON_PROFILE=$profile
-export TAXON_WEIGHTS_DIR=$PWD/weights TAXON_PORT=127.0.0.1:
+export TAXON_WEIGHTS_DIR=$PWD/weights TAXON_PORT=127.0.0.1: TAXON_HTTP_PORT=127.0.0.1:
 export TAXON_RETRY_S=60
 
 phase "images"
@@ -70,6 +70,18 @@ port_of() {
   local service=$1
   shift
   "$@" port "$service" 50052 | sed 's/.*://'
+}
+# The HTTP face (API and page), checked through its published port: readiness, the page,
+# and one held-out pug classified over HTTP/JSON.
+check_http() {
+  local base=http://127.0.0.1:$1 pug reply
+  curl -fsS "$base/readyz" | grep -q '"status":"ready"' || fail "HTTP /readyz at $base"
+  curl -fsS "$base/" | grep -q 'id="classify-file"' || fail "no page at $base/"
+  pug=$(ls "$datasets/pets/dog/pug"/*.jpg | sort | tail -1)
+  reply=$(curl -sS -H 'X-Tenant: pets' -H 'Content-Type: image/jpeg' --data-binary "@$pug" \
+    "$base/v1/classify?top_k=2") || fail "HTTP classify at $base"
+  echo "$reply" | grep -q '"label":"pug"' || fail "HTTP classify of a pug answered: $reply"
+  echo "HTTP API at the published port: ready, page served, a held-out pug classified over JSON"
 }
 # Waits until the container `id` has been restarted more than `restarts` times and reports
 # healthy (Docker's own probe: `client health`).
@@ -132,6 +144,7 @@ server=http://127.0.0.1:$(port_of head-trainer "${one[@]}")
 echo "time to SERVING: $((SECONDS - up_started)) s (weights present, images built)"
 enroll_breeds "$server"
 classify_held_out "$server" "$work/one.json" || fail "held-out photos misclassified"
+check_http "$("${one[@]}" port head-trainer 8080 | sed 's/.*://')"
 "$client" --server "$server" --tenant pets classes --json >"$work/classes-before.json"
 
 phase "one node: the head-trainer restarted, then SIGKILLed"
@@ -164,6 +177,7 @@ echo "time to SERVING: $((SECONDS - up_started)) s (PostgreSQL, 2 feature-server
 : >"$work/enroll.json"
 enroll_breeds "$server"
 classify_held_out "$server" "$work/scaled.json" || fail "held-out photos misclassified"
+check_http "$("${scale[@]}" port lb 8080 | sed 's/.*://')"
 
 # The loop: each round enrolls a new class of two bird photos (new photos, so the
 # feature-servers embed them) and classifies three pets. An enroll is acknowledged when the

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 photos=${1:-../shared/datasets/pets}
 fport=${TAXON_FEATURES_PORT:-50051}
 hport=${TAXON_PORT:-50052}
+wport=${TAXON_HTTP_PORT:-8080}
 run=data/run
 mkdir -p "$run"
 
@@ -24,12 +25,12 @@ if [ ! -f "$weights" ]; then
   "$bin/feature-server" fetch-weights mobilenet_v2 --out weights
 fi
 
-echo "==> starting feature-server on 127.0.0.1:$fport and head-trainer on 127.0.0.1:$hport"
+echo "==> starting feature-server on 127.0.0.1:$fport and head-trainer on 127.0.0.1:$hport (HTTP and the page on $wport)"
 "$bin/feature-server" --listen "127.0.0.1:$fport" --backbone mobilenet_v2 --weights "$weights" \
   >"$run/feature-server.log" 2>&1 &
 echo $! >"$run/feature-server.pid"
 "$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
-  --data data/store >"$run/head-trainer.log" 2>&1 &
+  --http-listen "127.0.0.1:$wport" --data data/store >"$run/head-trainer.log" 2>&1 &
 echo $! >"$run/head-trainer.pid"
 export TAXON_SERVER="http://127.0.0.1:$hport" TAXON_TENANT=quickstart
 "$bin/client" health --wait 120
@@ -59,3 +60,4 @@ echo "==> client classify $demo/held-out/*.jpg"
 "$bin/client" classify "$demo"/held-out/*.jpg
 echo
 echo "Services are still running (logs in $run/). Try: $bin/client --help   Stop: scripts/stop.sh"
+echo "The web page: http://127.0.0.1:$wport/ (tenant \"quickstart\" holds the classes above)"
