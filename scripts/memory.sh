@@ -30,8 +30,9 @@ hport=$(free_port)
 "$bin/feature-server" --listen "127.0.0.1:$fport" --backbone resnet18 \
   --weights "$work/resnet18.safetensors" >"$work/fs.log" 2>&1 &
 fpid=$!
+# Per-tenant quotas off: the load is one tenant's, against the server-wide bounds.
 "$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
-  --data "$work/data" >"$work/ht.log" 2>&1 &
+  --data "$work/data" --quota-rps 0 --quota-concurrent-enrolls 0 >"$work/ht.log" 2>&1 &
 hpid=$!
 python3 - "$fpid" "$hpid" "$work/rss.tsv" <<'EOF' &
 import sys, time

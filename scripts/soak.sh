@@ -58,8 +58,11 @@ for backbone in $backbones; do
   "$bin/feature-server" --listen "127.0.0.1:$fport" --backbone "$backbone" --weights "$weights" \
     >"$work/fs-$backbone.log" 2>&1 &
   fpid=$!
+  # One tenant's load against the server-wide bounds: per-tenant quotas off (a burst of 16
+  # concurrent enrolls is over the default of 4 at once).
   "$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
     --data "$work/data-$backbone" --classify-cache-entries "${TAXON_SOAK_CACHE_ENTRIES:-256}" \
+    --quota-rps 0 --quota-concurrent-enrolls 0 \
     >"$work/ht-$backbone.log" 2>&1 &
   hpid=$!
   export TAXON_SERVER="http://127.0.0.1:$hport" TAXON_TENANT=soak

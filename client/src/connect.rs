@@ -132,21 +132,35 @@ pub fn normalize(addr: &str) -> String {
 impl Conn {
     /// Connects eagerly, so "nothing is listening" is reported once, with advice, instead of
     /// as the first call's failure.
-    pub async fn connect(addr: &str, service: Service, auth: Auth) -> Result<Self> {
+    pub async fn connect(
+        addr: &str,
+        service: Service,
+        auth: Auth,
+        tls: &taxon_ops::tls::ClientTls,
+    ) -> Result<Self> {
         let addr = normalize(addr);
-        let endpoint = Endpoint::from_shared(addr.clone())
-            .map_err(|e| Error::BadAddress {
-                addr: addr.clone(),
-                reason: chain(&e),
-            })?
+        let bad = |reason: String| Error::BadAddress {
+            addr: addr.clone(),
+            reason,
+        };
+        let mut endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|e| bad(chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if addr.starts_with("https://") {
+            let host = endpoint.uri().host().unwrap_or("localhost").to_string();
+            let config = tls
+                .config(host.trim_start_matches('[').trim_end_matches(']'))
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            endpoint = endpoint.tls_config(config).map_err(|e| bad(chain(&e)))?;
+        }
         let channel = endpoint.connect().await.map_err(|e| {
             let (name, start, flag) = service.describe();
+            let reason = chain(&e);
             Error::Unreachable {
                 service: name,
+                reason: format!("{reason}{}", crate::error::tls_hint(&addr, &reason)),
                 addr: addr.clone(),
-                reason: chain(&e),
                 start,
                 flag,
             }

@@ -80,11 +80,63 @@ pub enum Error {
     Protocol { addr: String, reason: String },
 }
 
+/// What to try when a connection failed in a way TLS explains: a plaintext URL to a TLS
+/// server (the server drops the connection at once), a certificate this client does not trust,
+/// or a server that wants ours. Empty when the reason says nothing of TLS.
+pub(crate) fn tls_hint(addr: &str, reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    let https = addr.starts_with("https://");
+    if https && (r.contains("certificaterequired") || r.contains("certificate required")) {
+        return "\n  the server requires a client certificate: pass --tls-cert and --tls-key (TAXON_TLS_CERT, TAXON_TLS_KEY)";
+    }
+    // TLS 1.3 checks a client certificate after the client's side of the handshake is done,
+    // so a refusal often reads as the server closing the connection at the first call.
+    if https && (r.contains("connection closed") || r.contains("connection reset")) {
+        return "\n  the server closed the TLS connection: if it requires a client certificate (mutual TLS), pass --tls-cert and --tls-key (TAXON_TLS_CERT, TAXON_TLS_KEY)";
+    }
+    if https
+        && (r.contains("certificate") || r.contains("unknownissuer") || r.contains("handshake"))
+    {
+        return "\n  the server's certificate is not trusted here: pass the CA that signed it with --tls-ca (TAXON_TLS_CA)";
+    }
+    if !https
+        && (r.contains("connection reset")
+            || r.contains("connection closed")
+            || r.contains("broken pipe")
+            || r.contains("frame with invalid size")
+            || r.contains("unexpected end of file"))
+    {
+        return "\n  if the server uses TLS, use an https:// address (and --tls-ca for a private CA)";
+    }
+    ""
+}
+
+/// A status's message and the errors under it (a transport failure's cause is there).
+fn status_chain(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
 /// Turns a status into a sentence with a next step, by code: the codes a user can act on get
 /// the action, the rest keep the server's own message.
 fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
-    let msg = status.message();
+    // A transport failure's message is "transport error": its cause is what to show.
+    let msg = status_chain(status);
+    let tls = tls_hint(addr, &msg);
     let hint = match status.code() {
+        // A connection TLS refused surfaces at the first call (TLS 1.3 checks a client
+        // certificate after the handshake), as a transport error.
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+            if !tls.is_empty() =>
+        {
+            tls.trim_start_matches("\n  ").to_string()
+        }
         // The server answered, so it runs: say which part of it is missing.
         Code::Unavailable if msg.contains("feature-server") => format!(
             "the server at {addr} is up, but no feature-server answers it: start or fix the \
@@ -112,6 +164,14 @@ fn describe_status(call: &str, addr: &str, status: &tonic::Status) -> String {
         Code::FailedPrecondition if call == "RemoveClass" => {
             "to remove a parent with its children, add --recursive".to_string()
         }
+        Code::ResourceExhausted if msg.contains("requests per second") => "this tenant \
+            is asking faster than its quota allows: retry after the time named above, or send \
+            fewer requests at once"
+            .to_string(),
+        Code::ResourceExhausted if msg.contains("quota") => "nothing of this request was \
+            stored: remove classes or photos the tenant no longer needs, or ask the operator to \
+            raise the quota named above"
+            .to_string(),
         Code::ResourceExhausted if msg.contains("busy") => "the server is at the limit named \
             above and nothing of this request was stored: retry in a moment, or send fewer \
             photos at once"

@@ -42,6 +42,15 @@ pub struct Cli {
     /// answers DEADLINE_EXCEEDED); 0: none from the client (the server's own applies).
     #[arg(long, env = "TAXON_TIMEOUT_S", default_value_t = 0.0, global = true)]
     pub timeout_s: f64,
+    /// PEM CA that signs an https:// server's certificate (the system's roots otherwise).
+    #[arg(long, env = "TAXON_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Our PEM certificate, for a server that requires one (mutual TLS).
+    #[arg(long, env = "TAXON_TLS_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TAXON_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -98,6 +107,8 @@ pub struct Ctx<'a> {
     pub retry: RetryPolicy,
     /// Each call's deadline, from `--timeout-s`.
     pub timeout: Option<std::time::Duration>,
+    /// How https:// servers are trusted (`--tls-ca`), and our certificate.
+    pub tls: taxon_ops::tls::ClientTls,
     pub out: &'a mut dyn Write,
 }
 
@@ -109,7 +120,7 @@ impl Ctx<'_> {
     /// Connects to the head-trainer at `--server`.
     pub async fn connect(&self) -> Result<Conn> {
         Ok(
-            Conn::connect(&self.server, Service::HeadTrainer, self.auth()?)
+            Conn::connect(&self.server, Service::HeadTrainer, self.auth()?, &self.tls)
                 .await?
                 .with_retry(self.retry.clone()),
         )
@@ -125,6 +136,12 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
         json: cli.json,
         retry: RetryPolicy::new(std::time::Duration::from_secs(cli.retry_s)),
         timeout: timeout(cli.timeout_s)?,
+        tls: taxon_ops::tls::ClientTls {
+            ca: cli.tls_ca,
+            cert: cli.tls_cert,
+            key: cli.tls_key,
+            flags: Default::default(),
+        },
         out,
     };
     let outcome = match cli.command {

@@ -42,6 +42,8 @@ pub struct Config {
     /// thread: each image reserves what its header says decoding will take before a pixel is
     /// allocated, and waits while others hold the budget; one that alone needs more fails.
     pub decode_budget_bytes: u64,
+    /// TLS (and mutual TLS) on the listener; plaintext when no certificate is given.
+    pub tls: taxon_ops::tls::ServerTls,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             max_message_bytes: default_max_message_bytes(),
             decode_threads: default_decode_threads(),
             decode_budget_bytes: DEFAULT_DECODE_BUDGET_BYTES,
+            tls: Default::default(),
         }
     }
 }
@@ -73,6 +76,9 @@ pub const MAX_WAIT_LIMIT: Duration = Duration::from_secs(60);
 impl Config {
     /// Rejects settings that would make the server useless (a zero-sized batch or queue).
     pub fn validate(&self) -> Result<()> {
+        self.tls
+            .config()
+            .map_err(|e| Error::Config(e.to_string()))?;
         let positive = [
             ("--max-batch", self.max_batch),
             ("--queue-capacity", self.queue_capacity),
@@ -222,6 +228,15 @@ pub struct Args {
     /// says it alone needs more is refused with a per-item error.
     #[arg(long, env = "TAXON_DECODE_BUDGET_BYTES", default_value_t = DEFAULT_DECODE_BUDGET_BYTES)]
     pub decode_budget_bytes: u64,
+    /// PEM certificate chain: serve TLS (clients then use https:// URLs).
+    #[arg(long, env = "TAXON_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TAXON_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require clients to present a certificate it signed (mutual TLS).
+    #[arg(long, env = "TAXON_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Args {
@@ -249,6 +264,11 @@ impl Args {
             max_message_bytes: self.max_message_bytes,
             decode_threads: self.decode_threads,
             decode_budget_bytes: self.decode_budget_bytes,
+            tls: taxon_ops::tls::ServerTls {
+                cert: self.tls_cert,
+                key: self.tls_key,
+                client_ca: self.tls_client_ca,
+            },
         };
         config.validate()?;
         Ok((self.listen, config))

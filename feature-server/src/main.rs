@@ -3,7 +3,6 @@
 //! `feature-server --weights PATH [...]` serves; `feature-server fetch-weights KIND` gets real
 //! ImageNet weights once, so that serving never touches the network.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -16,6 +15,10 @@ use taxon_ops::metrics_http;
 #[derive(Parser, Debug)]
 #[command(version, about, subcommand_negates_reqs = true)]
 struct Cli {
+    /// Log lines as `text` (for people) or `json` (one object per line, with the request's
+    /// span fields such as `trace_id`, for log collectors). RUST_LOG filters either.
+    #[arg(long, env = "TAXON_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: taxon_ops::logging::LogFormat,
     #[command(flatten)]
     serve: Args,
     #[command(subcommand)]
@@ -49,15 +52,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        // Colour codes only for a terminal; docker logs and files get plain text.
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
+    taxon_ops::logging::init(cli.log_format, "info");
     match cli.command {
         Some(Command::FetchWeights {
             backbone,

@@ -118,7 +118,15 @@ impl Server {
         let calls = engine.metrics().calls.clone();
         let record: taxon_ops::grpc_metrics::Recorder =
             Arc::new(move |rpc, code, took| calls.record(rpc, code, took));
-        let serving = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = config
+            .tls
+            .config()
+            .map_err(|e| Error::Config(e.to_string()))?
+        {
+            builder = builder.tls_config(tls)?;
+        }
+        let serving = builder
             .layer(GrpcMetricsLayer::new(&KNOWN_METHODS, record))
             // One span per call (Info, health, reflection, each Embed stream), so every log
             // line says which call it belongs to.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use taxon_ops::trace::{self, TraceContext};
 use taxon_proto::v1::features_server::Features;
 use taxon_proto::v1::{
     EmbedRequest, EmbedResponse, Embedding, InfoRequest, ItemError, ModelInfo, ViewSet,
@@ -78,8 +79,16 @@ impl Features for FeaturesService {
         let meta = self.meta().await?;
         let stream_id = self.streams.fetch_add(1, Ordering::Relaxed);
         let timeout = grpc_timeout(request.metadata());
+        // The caller's trace continues here and into the batches that serve this stream.
+        let trace = TraceContext::from_header(
+            request
+                .metadata()
+                .get(trace::TRACEPARENT)
+                .map(|v| v.as_bytes()),
+        );
         let span = tracing::info_span!(
             "embed",
+            trace_id = trace.map(|t| t.trace_id_hex()),
             stream = stream_id,
             peer = ?request.remote_addr(),
             timeout_ms = timeout.map(|t| t.as_millis() as u64),
@@ -92,6 +101,7 @@ impl Features for FeaturesService {
             engine: self.engine.clone(),
             model: meta.model.clone(),
             inflight,
+            trace: trace.map(|t| t.trace_id),
             shutdown: self.shutdown.clone(),
             _open: self.engine.stream_guard(),
         };
@@ -125,6 +135,8 @@ struct StreamDriver {
     engine: Engine,
     model: String,
     inflight: usize,
+    /// The caller's trace id, handed to the engine with each item.
+    trace: Option<u128>,
     shutdown: CancellationToken,
     /// Counted as open until the driver ends, however it ends.
     _open: StreamGuard,
@@ -173,7 +185,7 @@ impl StreamDriver {
                     match message {
                         Ok(Some(request)) => {
                             read += 1;
-                            pending.push(embed_one(self.engine.clone(), self.model.clone(), request));
+                            pending.push(embed_one(self.engine.clone(), self.model.clone(), request, self.trace));
                         }
                         Ok(None) => reading = false,
                         Err(status) => {
@@ -203,12 +215,20 @@ pub fn views_of_request(views: i32) -> Result<(ViewSet, &'static [View]), Error>
 }
 
 /// One item through the engine, as the response the client sees.
-async fn embed_one(engine: Engine, model: String, request: EmbedRequest) -> EmbedResponse {
+async fn embed_one(
+    engine: Engine,
+    model: String,
+    request: EmbedRequest,
+    trace: Option<u128>,
+) -> EmbedResponse {
     let EmbedRequest { id, image, views } = request;
     let (label, embedded) = match views_of_request(views) {
         Ok((set, views)) => (
             view_label(set),
-            engine.embed_views(image, views).await.map(|v| (v, set)),
+            engine
+                .embed_traced(image, views, trace)
+                .await
+                .map(|v| (v, set)),
         ),
         Err(err) => ("unknown", Err(err)),
     };

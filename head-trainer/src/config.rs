@@ -68,6 +68,12 @@ pub struct Config {
     /// cut (an idle client must not hold a SIGTERM off), and then how long a running training
     /// job may take to save its head.
     pub shutdown_grace: Duration,
+    /// What each tenant may hold and how fast it may ask.
+    pub quotas: crate::quota::Quotas,
+    /// TLS (and mutual TLS) on the gRPC listener; plaintext when no certificate is given.
+    pub tls: taxon_ops::tls::ServerTls,
+    /// How `https://` feature-servers are trusted, and our certificate for them.
+    pub features_tls: taxon_ops::tls::ClientTls,
 }
 
 impl Config {
@@ -98,14 +104,32 @@ impl Config {
             resolve_interval: Duration::from_secs(5),
             wait_for_head_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(30),
+            quotas: crate::quota::Quotas::default(),
+            tls: Default::default(),
+            features_tls: features_tls_flags(),
         }
     }
 
     /// Refuses values that would fail later, at the first request, instead of at start.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |why: String| Err(crate::Error::InvalidArgument(why));
+        if let Err(e) = self.tls.config() {
+            return bad(e.to_string());
+        }
+        if let Err(e) = self.features_tls.check() {
+            return bad(e.to_string());
+        }
         if self.max_photo_bytes == 0 {
             return bad("--max-photo-bytes must be at least 1".into());
+        }
+        let rps = self.quotas.requests_per_s;
+        if !rps.is_finite() || rps < 0.0 {
+            return bad(format!(
+                "--quota-rps must be 0 (no limit) or positive, not {rps}"
+            ));
+        }
+        if rps > 0.0 && self.quotas.burst == 0 {
+            return bad("--quota-burst must be at least 1 when --quota-rps is set".into());
         }
         if self.max_inflight_bytes < self.max_photo_bytes {
             return bad(format!(
@@ -148,6 +172,18 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// A [`taxon_ops::tls::ClientTls`] whose messages name the `--features-tls-*` flags.
+fn features_tls_flags() -> taxon_ops::tls::ClientTls {
+    taxon_ops::tls::ClientTls {
+        flags: taxon_ops::tls::ClientTlsFlags {
+            ca: "--features-tls-ca",
+            cert: "--features-tls-cert",
+            key: "--features-tls-key",
+        },
+        ..Default::default()
     }
 }
 
@@ -213,6 +249,25 @@ pub struct Args {
     /// Seconds to wait for a database connection before a request fails with UNAVAILABLE.
     #[arg(long, env = "TAXON_DATABASE_TIMEOUT_S", default_value_t = 5.0)]
     pub database_timeout_s: f64,
+    /// PEM certificate chain: serve gRPC over TLS (clients then use https:// URLs).
+    #[arg(long, env = "TAXON_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TAXON_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA: require clients to present a certificate it signed (mutual TLS).
+    #[arg(long, env = "TAXON_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA that signs the https:// feature-servers' certificates (the system's roots
+    /// otherwise).
+    #[arg(long, env = "TAXON_FEATURES_TLS_CA")]
+    pub features_tls_ca: Option<PathBuf>,
+    /// Our PEM certificate for feature-servers that require one (mutual TLS).
+    #[arg(long, env = "TAXON_FEATURES_TLS_CERT", requires = "features_tls_key")]
+    pub features_tls_cert: Option<PathBuf>,
+    /// PEM private key of --features-tls-cert.
+    #[arg(long, env = "TAXON_FEATURES_TLS_KEY", requires = "features_tls_cert")]
+    pub features_tls_key: Option<PathBuf>,
     /// File of `token tenant` lines: when given, requests need `authorization: Bearer <token>`.
     #[arg(long, env = "TAXON_TOKENS")]
     pub tokens: Option<PathBuf>,
@@ -284,6 +339,30 @@ pub struct Args {
     /// and a running training job then gets to save its head.
     #[arg(long, env = "TAXON_SHUTDOWN_GRACE_S", default_value_t = 30.0)]
     pub shutdown_grace_s: f64,
+    /// Log lines as `text` (for people) or `json` (one object per line, with the request's
+    /// span fields such as `trace_id`, for log collectors). RUST_LOG filters either.
+    #[arg(long, env = "TAXON_LOG_FORMAT", default_value = "text")]
+    pub log_format: taxon_ops::logging::LogFormat,
+    /// Classes (parents included) each tenant may have; 0: no limit.
+    #[arg(long, env = "TAXON_QUOTA_CLASSES", default_value_t = crate::quota::Quotas::default().classes)]
+    pub quota_classes: u64,
+    /// Examples (distinct photos) each tenant may have; 0: no limit.
+    #[arg(long, env = "TAXON_QUOTA_EXAMPLES", default_value_t = crate::quota::Quotas::default().examples)]
+    pub quota_examples: u64,
+    /// Bytes of embeddings each tenant may keep in the store (photos are never stored);
+    /// 0: no limit.
+    #[arg(long, env = "TAXON_QUOTA_STORED_BYTES", default_value_t = crate::quota::Quotas::default().stored_bytes)]
+    pub quota_stored_bytes: u64,
+    /// Requests per second each tenant may make, sustained (each photo of a classify stream
+    /// counts as one); 0: no limit.
+    #[arg(long, env = "TAXON_QUOTA_RPS", default_value_t = crate::quota::Quotas::default().requests_per_s)]
+    pub quota_rps: f64,
+    /// Requests a tenant may make at once above --quota-rps.
+    #[arg(long, env = "TAXON_QUOTA_BURST", default_value_t = crate::quota::Quotas::default().burst)]
+    pub quota_burst: u64,
+    /// Enrolls each tenant may run at the same time; 0: no limit.
+    #[arg(long, env = "TAXON_QUOTA_CONCURRENT_ENROLLS", default_value_t = crate::quota::Quotas::default().concurrent_enrolls)]
+    pub quota_concurrent_enrolls: u64,
 }
 
 impl Args {
@@ -291,6 +370,14 @@ impl Args {
     pub fn config(&self) -> crate::Result<Config> {
         let mut c = Config::new(self.features_url.clone(), self.data.clone());
         c.tokens_file = self.tokens.clone();
+        c.tls = taxon_ops::tls::ServerTls {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        };
+        c.features_tls.ca = self.features_tls_ca.clone();
+        c.features_tls.cert = self.features_tls_cert.clone();
+        c.features_tls.key = self.features_tls_key.clone();
         c.database_url = self.database_url.clone();
         c.database = crate::store::PoolOptions {
             max_connections: self.database_max_connections,
@@ -320,6 +407,14 @@ impl Args {
         c.max_inflight_bytes = self.max_inflight_bytes;
         c.max_training_jobs = self.max_training_jobs;
         c.max_concurrent_uploads = self.max_concurrent_uploads;
+        c.quotas = crate::quota::Quotas {
+            classes: self.quota_classes,
+            examples: self.quota_examples,
+            stored_bytes: self.quota_stored_bytes,
+            requests_per_s: self.quota_rps,
+            burst: self.quota_burst,
+            concurrent_enrolls: self.quota_concurrent_enrolls,
+        };
         c.validate()?;
         Ok(c)
     }

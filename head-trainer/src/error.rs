@@ -58,6 +58,13 @@ pub enum Error {
     /// that stayed busy until the deadline): the message names the limit; retrying later works.
     #[error("busy: {0}")]
     Busy(String),
+    /// The tenant is over one of its quotas (`quota`, a fixed name for metrics): the message
+    /// names it, its value and its flag. Nothing of the request was written.
+    #[error("quota: {message}")]
+    Quota {
+        quota: &'static str,
+        message: String,
+    },
     /// The caller's deadline (or ours) passed before the work was done; nothing was written.
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
@@ -155,7 +162,7 @@ impl Error {
             Error::Unavailable(_) | Error::DatabaseUnavailable(_) | Error::ShuttingDown => {
                 Code::Unavailable
             }
-            Error::Busy(_) => Code::ResourceExhausted,
+            Error::Busy(_) | Error::Quota { .. } => Code::ResourceExhausted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Item { code, .. } => Code::from_i32(*code),
             Error::Unauthenticated(_) => Code::Unauthenticated,

@@ -26,6 +26,7 @@ pub mod heads;
 pub mod http;
 pub mod inflight;
 pub mod metrics;
+pub mod quota;
 pub mod server;
 pub mod service;
 pub mod store;

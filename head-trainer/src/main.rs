@@ -1,22 +1,14 @@
 //! The `head-trainer` binary: parse flags (or env), log the effective config, serve until
 //! SIGTERM or ctrl-c.
 
-use std::io::IsTerminal;
-
 use anyhow::Context;
 use clap::Parser;
 use head_trainer::config::Args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        // Colour codes only for a terminal; docker logs and files get plain text.
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    taxon_ops::logging::init(args.log_format, "info");
     let config = args.config().context("invalid configuration")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -47,6 +47,13 @@ pub struct SourceLabel {
     pub source: &'static str,
 }
 
+/// Which quota refused a request: `requests_per_second`, `concurrent_enrolls`, `classes`,
+/// `examples` or `stored_bytes`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabel {
+    pub quota: &'static str,
+}
+
 /// Every series the head-trainer exports, named `taxon_head_trainer_*`.
 pub struct Metrics {
     registry: Registry,
@@ -59,6 +66,7 @@ pub struct Metrics {
     /// From an Enroll's last photo to its trained head being live (`wait_for_head` only).
     pub time_to_live_seconds: Histogram,
     pub embeddings: Family<SourceLabel, Counter>,
+    pub quota_refusals: Family<QuotaLabel, Counter>,
     loaded_tenants: Gauge,
 }
 
@@ -103,6 +111,12 @@ impl Default for Metrics {
             "Embeddings of classified photos, by where they came from (memory, store, feature_server)",
             embeddings.clone(),
         );
+        let quota_refusals = Family::<QuotaLabel, Counter>::default();
+        r.register(
+            "quota_refusals",
+            "Requests refused because a tenant was over a quota, by quota",
+            quota_refusals.clone(),
+        );
         let loaded_tenants = Gauge::default();
         r.register(
             "loaded_tenants",
@@ -118,6 +132,7 @@ impl Default for Metrics {
             training_seconds,
             time_to_live_seconds,
             embeddings,
+            quota_refusals,
             loaded_tenants,
         }
     }
@@ -150,6 +165,15 @@ impl Metrics {
         self.training_jobs
             .get_or_create(&TrainingLabels { head, outcome })
             .inc();
+    }
+
+    /// Counts `e` when it is a quota's refusal.
+    pub fn refused(&self, e: &crate::Error) {
+        if let crate::Error::Quota { quota, .. } = e {
+            self.quota_refusals
+                .get_or_create(&QuotaLabel { quota })
+                .inc();
+        }
     }
 
     pub fn embedding_from(&self, source: &'static str) {

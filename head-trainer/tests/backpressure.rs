@@ -19,6 +19,9 @@ async fn sixteen_concurrent_enrolls_of_large_photos_all_succeed_through_a_full_q
     let mut c = config(&features.url(), dir.path());
     c.max_photo_bytes = 2 << 20;
     c.max_inflight_bytes = 12 << 20;
+    // One tenant's 16 enrolls at once: the server-wide bounds are under test here, not the
+    // per-tenant one (tests/quotas.rs).
+    c.quotas.concurrent_enrolls = 16;
     let trainer = Trainer::start(c).await;
     common::wait_health(trainer.addr, "taxon.v1.Classifier", 1).await;
 

@@ -30,6 +30,17 @@ pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// Runs the `client` command line `args` in-process (what a user types, after `client`):
+/// its outcome and what it printed.
+pub async fn run_client(args: &[&str]) -> (taxon_client::Result<taxon_client::Outcome>, String) {
+    let cli =
+        taxon_client::Cli::try_from_args(std::iter::once("client").chain(args.iter().copied()))
+            .expect("valid command line");
+    let mut out = Vec::new();
+    let r = within("the client command", taxon_client::execute(cli, &mut out)).await;
+    (r, String::from_utf8(out).expect("utf-8 output"))
+}
+
 /// A service running on its own task, stopped by [`Running::stop`] (or on drop).
 pub struct Running<E> {
     pub addr: SocketAddr,
@@ -104,14 +115,23 @@ pub async fn start_feature_server(
         weights,
         ..feature_server::Config::default()
     };
-    let running = spawn(listener, move |l, stopped| async move {
+    let running = start_feature_server_with(listener, config);
+    wait_serving(running.addr, "").await;
+    running
+}
+
+/// Starts a feature-server with `config` on `listener`, without waiting for it (a TLS server
+/// cannot be asked over [`channel`]'s plaintext).
+pub fn start_feature_server_with(
+    listener: tokio::net::TcpListener,
+    config: feature_server::Config,
+) -> Running<feature_server::Error> {
+    spawn(listener, move |l, stopped| async move {
         feature_server::run(l, config, async move {
             let _ = stopped.await;
         })
         .await
-    });
-    wait_serving(running.addr, "").await;
-    running
+    })
 }
 
 /// One MobileNetV2 feature-server (formula weights) shared by every test of a binary, on its

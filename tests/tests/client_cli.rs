@@ -5,15 +5,11 @@
 use std::path::Path;
 
 use serde_json::Value;
-use taxon_client::{Cli, Outcome, execute};
-use taxon_tests::{Pattern, photos, shared_feature_server, start_head_trainer, within};
+use taxon_client::Outcome;
+use taxon_tests::{Pattern, photos, shared_feature_server, start_head_trainer};
 
 async fn client(args: &[&str]) -> (taxon_client::Result<Outcome>, String) {
-    let cli = Cli::try_from_args(std::iter::once("client").chain(args.iter().copied()))
-        .expect("valid command line");
-    let mut out = Vec::new();
-    let r = within("the client command", execute(cli, &mut out)).await;
-    (r, String::from_utf8(out).expect("utf-8 output"))
+    taxon_tests::run_client(args).await
 }
 
 fn json_lines(out: &str) -> Vec<Value> {

@@ -63,7 +63,7 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
 }
 
 async fn check(ctx: &Ctx<'_>, service: &str) -> Result<ServingStatus> {
-    let conn = Conn::connect(&ctx.server, Service::HeadTrainer, ctx.auth()?).await?;
+    let conn = Conn::connect(&ctx.server, Service::HeadTrainer, ctx.auth()?, &ctx.tls).await?;
     let reply = HealthClient::new(conn.channel())
         .check(HealthCheckRequest {
             service: service.to_string(),

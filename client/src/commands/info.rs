@@ -67,7 +67,7 @@ async fn head_trainer(ctx: &mut Ctx<'_>) -> Result<Outcome> {
 }
 
 async fn features(ctx: &mut Ctx<'_>, url: &str) -> Result<Outcome> {
-    let conn = Conn::connect(url, Service::FeatureServer, ctx.auth()?).await?;
+    let conn = Conn::connect(url, Service::FeatureServer, ctx.auth()?, &ctx.tls).await?;
     let i = conn
         .features()
         .info(InfoRequest {})

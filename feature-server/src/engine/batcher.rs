@@ -34,6 +34,8 @@ pub(crate) struct Job {
     pub slot: super::QueueSlot,
     /// When it was queued, for the queue-wait histogram.
     pub queued: Instant,
+    /// The trace id of the request it belongs to, when the caller sent one.
+    pub trace: Option<u128>,
 }
 
 /// The model and what the loop needs beside it.
@@ -94,6 +96,7 @@ impl Batcher {
     fn answer(&self, batch: Vec<Job>) {
         // Items whose caller went away (a cancelled stream) are not worth a forward pass.
         let mut live = Vec::with_capacity(batch.len());
+        let mut traces: Vec<u128> = Vec::new();
         let formed = Instant::now();
         for job in batch {
             let Job {
@@ -101,7 +104,13 @@ impl Batcher {
                 reply,
                 slot,
                 queued,
+                trace,
             } = job;
+            if let Some(t) = trace
+                && !traces.contains(&t)
+            {
+                traces.push(t);
+            }
             drop(slot);
             let waited = formed.saturating_duration_since(queued);
             self.metrics
@@ -155,8 +164,13 @@ impl Batcher {
                 }
             }
         }
+        // A batch serves many requests: it names their traces, so that a request's trace leads
+        // to the forward pass that served it.
+        let trace_ids: Vec<String> = traces.iter().map(|t| format!("{t:032x}")).collect();
         tracing::debug!(
             batch = n,
+            images,
+            trace_ids = %trace_ids.join(","),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "batch done"
         );

@@ -238,6 +238,17 @@ impl Engine {
     /// Like [`Engine::embed`], for the mean embedding of several views of the image: decoded
     /// once, one queue slot, one batch.
     pub async fn embed_views(&self, image: Bytes, views: &'static [View]) -> Result<Vec<f32>> {
+        self.embed_traced(image, views, None).await
+    }
+
+    /// Like [`Engine::embed_views`], on behalf of the request of trace `trace`: the batch that
+    /// serves it logs the trace ids of the requests it served.
+    pub async fn embed_traced(
+        &self,
+        image: Bytes,
+        views: &'static [View],
+        trace: Option<u128>,
+    ) -> Result<Vec<f32>> {
         if views.is_empty() || views.len() > MAX_VIEWS {
             return Err(Error::Internal(format!(
                 "{} views asked for; 1 to {MAX_VIEWS} are supported",
@@ -252,6 +263,7 @@ impl Engine {
             reply,
             slot,
             queued: std::time::Instant::now(),
+            trace,
         })?;
         answer.await.map_err(|_| Error::ShuttingDown)?
     }

@@ -24,6 +24,7 @@ pub struct Session {
     tenant: Arc<Tenant>,
     model: Arc<Model>,
     caller_deadline: Option<Instant>,
+    trace: taxon_ops::trace::TraceContext,
     /// A stream's place among the image-carrying streams (none for a single Classify).
     _place: Option<crate::inflight::UploadPlace>,
 }
@@ -56,6 +57,7 @@ impl Core {
             tenant,
             model,
             caller_deadline: caller.deadline,
+            trace: caller.trace,
             _place: place,
         })
     }
@@ -66,6 +68,10 @@ impl Core {
         session: &Session,
         input: ClassifyInput,
     ) -> Result<Classification> {
+        // Each image is a request for the rate quota, whether alone or in a stream.
+        self.admission
+            .admit(&session.tenant.name)
+            .inspect_err(|e| self.metrics.refused(e))?;
         let deadline = self.deadline_within(session.caller_deadline);
         let (tenant, model) = (&session.tenant, &session.model);
         let set = tenant.current();
@@ -92,7 +98,7 @@ impl Core {
         };
         let embedding = {
             let _bytes = self.budget.reserve(image.len(), deadline).await?;
-            self.embedding_of(&tenant.name, &model.id, image, deadline)
+            self.embedding_of(&tenant.name, &model.id, image, deadline, session.trace)
                 .await?
         };
         // Head inference on the blocking pool: a hierarchical head over many classes is
@@ -195,6 +201,7 @@ impl Core {
         model: &str,
         image: Bytes,
         deadline: Instant,
+        trace: taxon_ops::trace::TraceContext,
     ) -> Result<Arc<Vec<f32>>> {
         let hash = super::enroll::hash_of(image.clone()).await?;
         let cached = self
@@ -219,7 +226,7 @@ impl Core {
                 self.metrics.embedding_from("feature_server");
                 let mut r = self
                     .features
-                    .embed(vec![(String::new(), image)], deadline)
+                    .embed(vec![(String::new(), image)], deadline, trace)
                     .await?;
                 Arc::new(
                     r.pop()

@@ -65,6 +65,13 @@ impl Core {
         start: EnrollStart,
         mut photos: impl Stream<Item = Result<Photo>> + Send + Unpin,
     ) -> Result<Enrolled> {
+        self.admit(caller)?;
+        // The tenant's own bound first: its enrolls beyond it must not queue for (and take)
+        // the places every tenant shares.
+        let _own = self
+            .admission
+            .enroll_place(&caller.tenant)
+            .inspect_err(|e| self.metrics.refused(e))?;
         let deadline = self.deadline_within(caller.deadline);
         let _place = self.uploads.enter(deadline).await?;
         let class = class_name(&start.class_name)?;
@@ -114,8 +121,15 @@ impl Core {
                     // Send what we hold before waiting, so that we wait holding nothing.
                     chunk_bytes = 0;
                     let held = std::mem::take(&mut chunk);
-                    self.embed_chunk(tenant_name, &model.id, held, deadline, &mut acc)
-                        .await?;
+                    self.embed_chunk(
+                        tenant_name,
+                        &model.id,
+                        held,
+                        deadline,
+                        caller.trace,
+                        &mut acc,
+                    )
+                    .await?;
                     self.budget.reserve(bytes, deadline).await?
                 }
             };
@@ -130,12 +144,26 @@ impl Core {
             if chunk.len() >= CHUNK_PHOTOS || chunk_bytes >= CHUNK_BYTES {
                 chunk_bytes = 0;
                 let full = std::mem::take(&mut chunk);
-                self.embed_chunk(tenant_name, &model.id, full, deadline, &mut acc)
-                    .await?;
+                self.embed_chunk(
+                    tenant_name,
+                    &model.id,
+                    full,
+                    deadline,
+                    caller.trace,
+                    &mut acc,
+                )
+                .await?;
             }
         }
-        self.embed_chunk(tenant_name, &model.id, chunk, deadline, &mut acc)
-            .await?;
+        self.embed_chunk(
+            tenant_name,
+            &model.id,
+            chunk,
+            deadline,
+            caller.trace,
+            &mut acc,
+        )
+        .await?;
         let last_photo = Instant::now();
         if count == 0 {
             return Err(Error::EmptyStream);
@@ -150,6 +178,7 @@ impl Core {
 
         let tenant = self.tenant(tenant_name, &model).await?;
         let examples = std::mem::take(&mut acc.examples);
+        let quotas = self.config.quotas;
         let (t, c, p, m) = (
             tenant_name.to_string(),
             class.clone(),
@@ -165,10 +194,12 @@ impl Core {
                         parent: p.as_deref(),
                         model: &m,
                         examples,
+                        quotas,
                     },
                 )
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.metrics.refused(e))?;
         tracing::info!(
             tenant = %tenant_name, class = %class, accepted = acc.accepted, cached = acc.cached,
             rejected = acc.rejected.len(), examples = outcome.examples, revision = outcome.revision, "enrolled"
@@ -209,6 +240,7 @@ impl Core {
         model: &str,
         chunk: Vec<Pending>,
         deadline: Deadline,
+        trace: taxon_ops::trace::TraceContext,
         acc: &mut Accepted,
     ) -> Result<()> {
         if chunk.is_empty() {
@@ -251,7 +283,7 @@ impl Core {
             .iter()
             .map(|p| (p.id.clone(), p.image.clone()))
             .collect();
-        let results = self.features.embed(items, deadline).await?;
+        let results = self.features.embed(items, deadline, trace).await?;
         for (p, r) in to_embed.into_iter().zip(results) {
             match r {
                 Ok(v) => {

@@ -11,6 +11,7 @@ impl Core {
     /// The tenant's classes. Before any feature-server has answered the taxonomy is read from
     /// the store, and only the live head (which needs the model identity) is left out.
     pub async fn list(&self, caller: &Caller) -> Result<ClassList> {
+        self.admit(caller)?;
         let Some((tenant, model)) = self.loaded_tenant(&caller.tenant).await? else {
             let name = caller.tenant.clone();
             let snapshot = self
@@ -30,6 +31,7 @@ impl Core {
 
     /// Removes a class with its examples (and its children when `recursive`).
     pub async fn remove(&self, caller: &Caller, name: &str, recursive: bool) -> Result<Removed> {
+        self.admit(caller)?;
         let loaded = self.loaded_tenant(&caller.tenant).await?;
         let (t, class) = (caller.tenant.clone(), class_name(name)?);
         let outcome = self
@@ -59,6 +61,7 @@ impl Core {
         name: &str,
         new_name: &str,
     ) -> Result<Option<super::HeadRef>> {
+        self.admit(caller)?;
         let loaded = self.loaded_tenant(&caller.tenant).await?;
         let (old, new) = (class_name(name)?, class_name(new_name)?);
         let (t, o, n) = (caller.tenant.clone(), old.clone(), new.clone());
@@ -74,6 +77,7 @@ impl Core {
 
     /// Trains a head of `kind` (the default kind when `None`) now, and makes it live.
     pub async fn train(&self, caller: &Caller, kind: Option<HeadKind>) -> Result<Trained> {
+        self.admit(caller)?;
         let model = self.model()?;
         let tenant = self.tenant(&caller.tenant, &model).await?;
         let kind = self.kind_or_default(kind);

@@ -26,6 +26,7 @@ use crate::features::{EmbeddingSource, Model};
 use crate::heads::HeadKind;
 use crate::inflight::{InflightBudget, Uploads};
 use crate::metrics::Metrics;
+use crate::quota::Admission;
 use crate::store::{Store, StoreEvent};
 use crate::tenants::{Tenant, Tenants};
 use crate::trainer::Trainer;
@@ -45,6 +46,8 @@ pub struct Core {
     uploads: Uploads,
     /// Embeddings of recently classified photos.
     cache: Mutex<EmbeddingLru>,
+    /// Each tenant's request rate and concurrent enrolls.
+    admission: Admission,
     metrics: Arc<Metrics>,
 }
 
@@ -70,6 +73,7 @@ impl Core {
         ));
         let budget = InflightBudget::new(config.max_inflight_bytes);
         let uploads = Uploads::new(config.max_concurrent_uploads);
+        let admission = Admission::new(config.quotas);
         Self {
             config,
             store,
@@ -79,6 +83,7 @@ impl Core {
             budget,
             uploads,
             cache,
+            admission,
             metrics,
         }
     }
@@ -127,6 +132,13 @@ impl Core {
     pub fn deadline_within(&self, caller: Option<Instant>) -> Instant {
         let ours = Instant::now() + self.config.request_timeout;
         caller.map_or(ours, |c| c.min(ours))
+    }
+
+    /// One request of `caller`'s, against its tenant's rate quota: every operation starts here.
+    fn admit(&self, caller: &Caller) -> Result<()> {
+        self.admission
+            .admit(&caller.tenant)
+            .inspect_err(|e| self.metrics.refused(e))
     }
 
     /// The model identity, or UNAVAILABLE while no feature-server has answered `Info`.

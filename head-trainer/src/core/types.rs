@@ -17,6 +17,8 @@ pub struct Caller {
     pub tenant: String,
     /// The caller's own deadline, if it set one; the core bounds it by `--request-timeout-s`.
     pub deadline: Option<Instant>,
+    /// The caller's trace (W3C `traceparent`), or a new one: continued to the feature-server.
+    pub trace: taxon_ops::trace::TraceContext,
 }
 
 /// The first part of an enroll: which class the photos are of.

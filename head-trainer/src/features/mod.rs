@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use prost::bytes::Bytes;
+use taxon_ops::trace::{TRACEPARENT, TraceContext};
 use taxon_proto::v1::features_client::FeaturesClient;
 use taxon_proto::v1::{EmbedRequest, InfoRequest, ViewSet, embed_response};
 use tokio::sync::watch;
@@ -60,10 +61,12 @@ pub trait EmbeddingSource: Send + Sync + 'static {
     /// Embeds `(id, image)` pairs by `deadline`; the answer has one entry per input, in input
     /// order. An `Err` of the whole call means nothing was embedded (no server answered in
     /// time).
+    /// `trace` is the caller's: the feature-server's call continues it.
     fn embed(
         &self,
         items: Vec<(String, Bytes)>,
         deadline: Instant,
+        trace: TraceContext,
     ) -> BoxFuture<'_, Result<Vec<ItemResult>>>;
 }
 
@@ -103,6 +106,7 @@ impl FeatureClient {
         timeouts: Timeouts,
         max_message_bytes: usize,
         views: ViewSet,
+        tls: &taxon_ops::tls::ClientTls,
     ) -> Result<Arc<Self>> {
         if urls.is_empty() {
             return Err(Error::InvalidArgument("no --features-url given".into()));
@@ -112,11 +116,20 @@ impl FeatureClient {
             .map(|u| resolve::Target::parse(u))
             .collect::<Result<Vec<_>>>()?;
         let connect = timeouts.connect;
-        let endpoint = move |uri: &str| -> Result<Endpoint> {
-            Ok(Endpoint::from_shared(uri.to_string())
-                .map_err(|e| Error::InvalidArgument(format!("feature-server {uri}: {e}")))?
+        tls.check()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let tls = tls.clone();
+        let endpoint = move |uri: &str, host: &str| -> Result<Endpoint> {
+            let bad = |e: String| Error::InvalidArgument(format!("feature-server {uri}: {e}"));
+            let endpoint = Endpoint::from_shared(uri.to_string())
+                .map_err(|e| bad(e.to_string()))?
                 .connect_timeout(connect)
-                .tcp_nodelay(true))
+                .tcp_nodelay(true);
+            if !uri.starts_with("https://") {
+                return Ok(endpoint);
+            }
+            let config = tls.config(host).map_err(|e| bad(e.to_string()))?;
+            endpoint.tls_config(config).map_err(|e| bad(e.to_string()))
         };
         let (channel, changes) = Channel::balance_channel(64);
         tokio::spawn(resolve::follow(
@@ -163,6 +176,7 @@ impl FeatureClient {
         &self,
         items: &[(String, Bytes)],
         deadline: Instant,
+        trace: TraceContext,
     ) -> std::result::Result<Vec<ItemResult>, tonic::Status> {
         let requests: Vec<EmbedRequest> = items
             .iter()
@@ -181,6 +195,10 @@ impl FeatureClient {
         }
         let mut request = tonic::Request::new(tokio_stream::iter(requests));
         request.set_timeout(remaining);
+        // Our call is a child span of the caller's request, in the same trace.
+        if let Ok(v) = trace.child().to_string().parse() {
+            request.metadata_mut().insert(TRACEPARENT, v);
+        }
         let mut client = self.client.clone();
         let started =
             tokio::time::timeout(self.timeouts.connect.min(remaining), client.embed(request))
@@ -289,6 +307,7 @@ impl EmbeddingSource for FeatureClient {
         &self,
         items: Vec<(String, Bytes)>,
         deadline: Instant,
+        trace: TraceContext,
     ) -> BoxFuture<'_, Result<Vec<ItemResult>>> {
         Box::pin(async move {
             if items.is_empty() {
@@ -303,7 +322,7 @@ impl EmbeddingSource for FeatureClient {
             let mut busy_retries = 0u32;
             loop {
                 let batch: Vec<(String, Bytes)> = todo.iter().map(|&i| items[i].clone()).collect();
-                match self.embed_once(&batch, deadline).await {
+                match self.embed_once(&batch, deadline, trace).await {
                     Ok(results) => {
                         let mut again = Vec::new();
                         for (&i, r) in todo.iter().zip(results) {

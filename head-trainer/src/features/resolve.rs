@@ -55,11 +55,12 @@ impl Target {
 }
 
 /// Keeps `changes` (the balanced channel's endpoint set) equal to what `targets` resolve to,
-/// with endpoints made by `endpoint` from `scheme://address`.
+/// with endpoints made by `endpoint` from `scheme://address` and the URL's host name (what an
+/// `https://` server's certificate must name, since the endpoint itself is an address).
 pub async fn follow(
     targets: Vec<Target>,
     interval: Duration,
-    endpoint: impl Fn(&str) -> Result<Endpoint> + Send + 'static,
+    endpoint: impl Fn(&str, &str) -> Result<Endpoint> + Send + 'static,
     changes: Sender<Change<String, Endpoint>>,
 ) {
     let mut current: BTreeSet<String> = BTreeSet::new();
@@ -92,7 +93,7 @@ pub async fn follow(
                 if current.contains(&key) {
                     continue;
                 }
-                match endpoint(&format!("{}://{address}", target.scheme)) {
+                match endpoint(&format!("{}://{address}", target.scheme), &target.host) {
                     Ok(e) => {
                         tracing::info!(endpoint = %key, "feature-server address added");
                         if changes.send(Change::Insert(key.clone(), e)).await.is_err() {
@@ -135,7 +136,7 @@ mod tests {
         let task = tokio::spawn(follow(
             targets,
             Duration::from_secs(3600),
-            |uri| Ok(Endpoint::from_shared(uri.to_string()).unwrap()),
+            |uri, _host| Ok(Endpoint::from_shared(uri.to_string()).unwrap()),
             tx,
         ));
         let Some(Change::Insert(key, endpoint)) = rx.recv().await else {

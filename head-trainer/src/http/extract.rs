@@ -27,6 +27,7 @@ impl FromRequestParts<Arc<Api>> for Authed {
             tenant,
             // HTTP carries no deadline; the core bounds every request by its own.
             deadline: None,
+            trace: crate::service::trace_of(&md),
         }))
     }
 }

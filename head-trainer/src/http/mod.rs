@@ -20,6 +20,7 @@ mod extract;
 mod openapi;
 mod page;
 mod probes;
+mod tls;
 mod wire;
 
 use std::future::Future;
@@ -105,12 +106,23 @@ pub fn router(api: Arc<Api>) -> Router {
 
 /// Serves [`router`] on `listener` until `stop_accepting` completes, then lets requests in
 /// flight finish (the caller cuts them after the grace period through [`Api`]'s token).
+/// With `tls`, over HTTPS only (the gRPC face's certificate).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     api: Arc<Api>,
     stop_accepting: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(stop_accepting)
-        .await
+    match tls {
+        None => {
+            axum::serve(listener, router(api))
+                .with_graceful_shutdown(stop_accepting)
+                .await
+        }
+        Some(config) => {
+            axum::serve(tls::TlsListener::new(listener, config)?, router(api))
+                .with_graceful_shutdown(stop_accepting)
+                .await
+        }
+    }
 }

@@ -91,6 +91,7 @@ pub async fn run_on(
         },
         (config.max_photo_bytes + (1 << 20)).max(64 << 20),
         config.views,
+        &config.features_tls,
     )?;
     serve(listeners, config, features, shutdown).await
 }
@@ -137,6 +138,13 @@ pub async fn serve(
         metrics,
         http,
     } = listeners;
+    let tls = config
+        .tls
+        .config()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    // The HTTP face speaks HTTP/1.1 only (axum is built without h2).
+    let http_tls = taxon_ops::tls::rustls_server_config(&config.tls, &[b"http/1.1"])
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let store = open_store(&config).await?;
     let addr = listener.local_addr().ok();
     tracing::info!(
@@ -144,6 +152,8 @@ pub async fn serve(
         features = ?config.features_urls,
         store = %store_name(&config),
         tokens = auth.enabled(),
+        tls = config.tls.enabled(),
+        mutual_tls = config.tls.client_ca.is_some(),
         default_head = %config.default_head,
         classify_cache_entries = config.classify_cache_entries,
         max_photo_bytes = config.max_photo_bytes,
@@ -218,6 +228,7 @@ pub async fn serve(
         let api = http::Api::new(&core, Arc::clone(&auth), draining.clone(), cut.clone());
         tokio::spawn(http::serve(
             listener,
+            http_tls,
             Arc::new(api),
             draining.clone().cancelled_owned(),
         ))
@@ -228,10 +239,22 @@ pub async fn serve(
     let cuttable = sever.clone();
     let incoming = TcpListenerStream::new(listener)
         .map(move |conn| conn.map(|c| Severable::new(c, &cuttable)));
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?;
+    }
     let mut served = tokio::spawn(
-        Server::builder()
+        builder
             .layer(GrpcMetricsLayer::new(&KNOWN_METHODS, record))
-            .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+            .trace_fn(|req| {
+                tracing::info_span!(
+                    "grpc",
+                    path = %req.uri().path(),
+                    trace_id = tracing::field::Empty
+                )
+            })
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

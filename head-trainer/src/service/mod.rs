@@ -31,6 +31,16 @@ pub fn caller_deadline(md: &tonic::metadata::MetadataMap) -> Option<tokio::time:
     Some(tokio::time::Instant::now() + t - margin)
 }
 
+/// The caller's trace context, or a new trace; recorded on the request's span (the `grpc`
+/// span of the server's `trace_fn`), so that every line it logs carries the trace id.
+pub fn trace_of(md: &tonic::metadata::MetadataMap) -> taxon_ops::trace::TraceContext {
+    use taxon_ops::trace::{TRACEPARENT, TraceContext};
+    let trace = TraceContext::from_header(md.get(TRACEPARENT).map(|v| v.as_bytes()))
+        .unwrap_or_else(TraceContext::root);
+    tracing::Span::current().record("trace_id", trace.trace_id_hex());
+    trace
+}
+
 /// Who asks (the tenant the interceptor authenticated) and by when.
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     let tenant = req
@@ -40,6 +50,7 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     Ok(Caller {
         tenant: tenant.0.clone(),
         deadline: caller_deadline(req.metadata()),
+        trace: trace_of(req.metadata()),
     })
 }
 

@@ -42,6 +42,8 @@ pub struct EnrollWrite<'a> {
     /// Every accepted photo with its embedding (cached ones too, so the write never depends on
     /// a cache row that a concurrent remove might drop).
     pub examples: Vec<(Hash, Vec<f32>)>,
+    /// What the tenant may hold once this is written (checked in the write's transaction).
+    pub quotas: crate::quota::Quotas,
 }
 
 /// What an Enroll committed.

@@ -3,17 +3,32 @@
 //! on what an enroll or a remove may do.
 
 use super::EnrollWrite;
+use crate::quota::exceeded;
 use crate::taxonomy::Taxonomy;
 use crate::{Error, Result};
 
 /// The class of an enroll and its parent as ids, created with `create(name, parent)` where
 /// new. Everything is checked before anything is created: a parent with photos of its own,
-/// photos into a parent, or a class that already has another parent refuse the enroll.
+/// photos into a parent, a class that already has another parent, or one class more than the
+/// tenant's quota refuse the enroll.
 pub(crate) fn enroll_ids(
+    tenant: &str,
     t: &Taxonomy,
     w: &EnrollWrite<'_>,
     mut create: impl FnMut(&str, Option<u64>) -> Result<u64>,
 ) -> Result<(u64, Option<u64>)> {
+    let new = u64::from(t.by_name(w.class_name).is_none())
+        + u64::from(w.parent.is_some_and(|p| t.by_name(p).is_none()));
+    let limit = w.quotas.classes;
+    if new > 0 && limit > 0 && t.classes.len() as u64 + new > limit {
+        return Err(exceeded(
+            tenant,
+            "classes",
+            "classes",
+            limit,
+            "--quota-classes",
+        ));
+    }
     let parent = match w.parent {
         None => None,
         Some(p) => match t.by_name(p) {
@@ -71,4 +86,45 @@ pub(crate) fn doomed(t: &Taxonomy, name: &str, recursive: bool) -> Result<Vec<u6
         i += 1;
     }
     Ok(doomed)
+}
+
+/// Refuses an enroll after which the tenant would hold more examples, or more embedding
+/// bytes, than its quotas allow; `in_class` is the enrolled class's example count after the
+/// write, `t` the taxonomy as read before it (in the same transaction, so exact).
+pub(crate) fn check_examples(
+    tenant: &str,
+    t: &Taxonomy,
+    w: &EnrollWrite<'_>,
+    class_id: u64,
+    in_class: u64,
+) -> Result<()> {
+    let others: u64 = t
+        .classes
+        .values()
+        .filter(|c| c.id != class_id)
+        .map(|c| u64::from(c.examples))
+        .sum();
+    let total = others + in_class;
+    let q = &w.quotas;
+    if q.examples > 0 && total > q.examples {
+        return Err(exceeded(
+            tenant,
+            "examples",
+            "examples",
+            q.examples,
+            "--quota-examples",
+        ));
+    }
+    let dim = w.examples.first().map_or(0, |(_, v)| v.len() as u64);
+    let bytes = total * dim * 4;
+    if q.stored_bytes > 0 && bytes > q.stored_bytes {
+        return Err(exceeded(
+            tenant,
+            "stored_bytes",
+            "bytes of stored embeddings",
+            q.stored_bytes,
+            "--quota-stored-bytes",
+        ));
+    }
+    Ok(())
 }

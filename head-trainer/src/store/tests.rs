@@ -65,6 +65,7 @@ for_every_store!(
     tenants_are_isolated,
     rename_and_remove_need_no_photos_and_survive_reopen,
     head_versions_are_fresh_per_tenant_and_one_head_per_kind,
+    quotas_refuse_the_whole_enroll_and_count_per_tenant,
 );
 
 const M: &str = "mobilenet_v2@sha256:00";
@@ -82,7 +83,72 @@ fn write<'a>(class: &'a str, parent: Option<&'a str>, photos: &[u8]) -> EnrollWr
             .iter()
             .map(|&i| (h(i), vec![f32::from(i); 4]))
             .collect(),
+        quotas: crate::quota::Quotas::unlimited(),
     }
+}
+
+/// [`write`] under `quotas`.
+fn limited<'a>(
+    class: &'a str,
+    parent: Option<&'a str>,
+    photos: &[u8],
+    quotas: crate::quota::Quotas,
+) -> EnrollWrite<'a> {
+    EnrollWrite {
+        quotas,
+        ..write(class, parent, photos)
+    }
+}
+
+fn quotas_refuse_the_whole_enroll_and_count_per_tenant(f: &dyn Fixture) {
+    use crate::quota::Quotas;
+    let s = f.open();
+    let q = Quotas {
+        classes: 3,
+        examples: 4,
+        stored_bytes: 4 * 4 * 4,
+        ..Quotas::unlimited()
+    };
+    s.enroll("t", &limited("beagle", Some("dog"), &[1, 2], q))
+        .unwrap();
+    // A fourth class (a new child under a new parent would make four).
+    let e = s
+        .enroll("t", &limited("tabby", Some("cat"), &[3], q))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("quota of 3 classes") && msg.contains("--quota-classes"),
+        "{msg}"
+    );
+    // A fifth example: refused whole, the class it would have created with it too.
+    s.enroll("t", &limited("pug", Some("dog"), &[3, 4], q))
+        .unwrap();
+    let e = s.enroll("t", &limited("pug", None, &[5], q)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("quota of 4 examples") && msg.contains("--quota-examples"),
+        "{msg}"
+    );
+    // Photos the class already has are not new examples.
+    s.enroll("t", &limited("pug", None, &[3, 4], q)).unwrap();
+    let snap = s.snapshot("t", Some(M)).unwrap();
+    assert_eq!(snap.examples.len(), 4);
+    assert_eq!(snap.taxonomy.classes.len(), 3);
+    assert!(
+        snap.taxonomy.by_name("cat").is_none(),
+        "a refused enroll left its parent"
+    );
+    // Bytes: 4 examples of 4 floats is the limit; one dimension more is over it.
+    let wide = EnrollWrite {
+        examples: vec![(h(3), vec![3.0; 5])],
+        ..limited("pug", None, &[], q)
+    };
+    let msg = s.enroll("t", &wide).unwrap_err().to_string();
+    assert!(msg.contains("--quota-stored-bytes"), "{msg}");
+    // Another tenant has its own quota.
+    s.enroll("u", &limited("beagle", Some("dog"), &[1, 2], q))
+        .unwrap();
 }
 
 fn enroll_creates_class_parent_and_examples_in_one_go(f: &dyn Fixture) {

@@ -38,6 +38,8 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Items being embedded right now, and the most at once.
     pub inflight: AtomicUsize,
+    /// The `traceparent` of every Embed call, in arrival order.
+    pub traceparents: std::sync::Mutex<Vec<Option<String>>>,
     pub peak_inflight: AtomicUsize,
     /// Milliseconds each item takes; changeable while serving.
     pub work_ms: AtomicU64,
@@ -135,6 +137,12 @@ impl Features for Fake {
         &self,
         request: Request<Streaming<EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStream>, Status> {
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        self.counters.traceparents.lock().unwrap().push(traceparent);
         let this = self.clone();
         let out = request.into_inner().then(move |item| {
             let this = this.clone();

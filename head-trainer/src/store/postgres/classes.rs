@@ -49,7 +49,7 @@ pub(super) fn enroll(
     let mut tx = client.transaction()?;
     lock_tenant(&mut tx, tenant)?;
     let taxonomy = read_taxonomy(&mut tx, tenant)?;
-    let (class_id, parent_id) = rules::enroll_ids(&taxonomy, w, |name, parent| {
+    let (class_id, parent_id) = rules::enroll_ids(tenant, &taxonomy, w, |name, parent| {
         create_class(&mut tx, tenant, name, parent)
     })?;
     let example = tx.prepare(
@@ -75,6 +75,8 @@ pub(super) fn enroll(
             &[&tenant, &class],
         )?
         .get(0);
+    // Returning before the commit rolls the whole enroll back.
+    rules::check_examples(tenant, &taxonomy, w, class_id, examples.max(0) as u64)?;
     let revision = examples_changed(&mut tx, tenant)?;
     let parent = match parent_id {
         Some(p) => Some(

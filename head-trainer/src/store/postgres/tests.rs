@@ -79,6 +79,7 @@ fn the_store_recovers_by_itself_after_the_database_restarts() {
         parent: None,
         model: "m",
         examples: vec![([7; 32], vec![1.0; 4])],
+        quotas: crate::quota::Quotas::unlimited(),
     };
     let acknowledged = store.enroll("acme", &write).unwrap();
     assert!(pg.pg_ctl("stop"), "immediate stop (as a crash)");
@@ -151,6 +152,7 @@ fn versions_move_with_every_write_of_the_tenant_only() {
         parent: None,
         model: "m",
         examples: vec![([7; 32], vec![1.0; 4])],
+        quotas: crate::quota::Quotas::unlimited(),
     };
     store.enroll("acme", &write).unwrap();
     let v1 = store.versions("acme").unwrap().unwrap();

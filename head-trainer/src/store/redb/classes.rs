@@ -14,7 +14,7 @@ pub(super) fn enroll(s: &RedbStore, tenant: &str, w: &EnrollWrite<'_>) -> Result
     let txn = s.write()?;
     let outcome = {
         let taxonomy = read_taxonomy_w(&txn, tenant)?;
-        let (class_id, parent_id) = rules::enroll_ids(&taxonomy, w, |name, parent| {
+        let (class_id, parent_id) = rules::enroll_ids(tenant, &taxonomy, w, |name, parent| {
             create_class(&txn, tenant, name, parent)
         })?;
         {
@@ -27,6 +27,8 @@ pub(super) fn enroll(s: &RedbStore, tenant: &str, w: &EnrollWrite<'_>) -> Result
             }
         }
         let examples = count_examples(&txn, tenant, class_id)?;
+        // Dropping the transaction uncommitted undoes the whole enroll.
+        rules::check_examples(tenant, &taxonomy, w, class_id, u64::from(examples))?;
         let revision = bump(&txn, tenant, COUNTER_REVISION)?;
         bump(&txn, tenant, COUNTER_SEQ)?;
         let proto = bump(&txn, tenant, COUNTER_HEAD_SEQ)?;
