@@ -86,26 +86,31 @@ pub enum Error {
 pub(crate) fn tls_hint(addr: &str, reason: &str) -> &'static str {
     let r = reason.to_ascii_lowercase();
     let https = addr.starts_with("https://");
+    // How a peer that hung up reads, depending on when the client noticed: all seen in tests.
+    let dropped = [
+        "connection closed",
+        "connection reset",
+        "broken pipe",
+        "stream closed",
+        "unexpected end of file",
+        "frame with invalid size",
+    ]
+    .iter()
+    .any(|s| r.contains(s));
     if https && (r.contains("certificaterequired") || r.contains("certificate required")) {
         return "\n  the server requires a client certificate: pass --tls-cert and --tls-key (TAXON_TLS_CERT, TAXON_TLS_KEY)";
-    }
-    // TLS 1.3 checks a client certificate after the client's side of the handshake is done,
-    // so a refusal often reads as the server closing the connection at the first call.
-    if https && (r.contains("connection closed") || r.contains("connection reset")) {
-        return "\n  the server closed the TLS connection: if it requires a client certificate (mutual TLS), pass --tls-cert and --tls-key (TAXON_TLS_CERT, TAXON_TLS_KEY)";
     }
     if https
         && (r.contains("certificate") || r.contains("unknownissuer") || r.contains("handshake"))
     {
         return "\n  the server's certificate is not trusted here: pass the CA that signed it with --tls-ca (TAXON_TLS_CA)";
     }
-    if !https
-        && (r.contains("connection reset")
-            || r.contains("connection closed")
-            || r.contains("broken pipe")
-            || r.contains("frame with invalid size")
-            || r.contains("unexpected end of file"))
-    {
+    // TLS 1.3 checks a client certificate after the client's side of the handshake is done,
+    // so a refusal often reads as the server hanging up at the first call.
+    if https && dropped {
+        return "\n  the server closed the TLS connection: if it requires a client certificate (mutual TLS), pass --tls-cert and --tls-key (TAXON_TLS_CERT, TAXON_TLS_KEY)";
+    }
+    if !https && dropped {
         return "\n  if the server uses TLS, use an https:// address (and --tls-ca for a private CA)";
     }
     ""
@@ -218,6 +223,27 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_get_the_flag_that_fixes_them() {
+        let https = "https://h:1";
+        for dropped in [
+            "transport error: connection closed",
+            "connection error: stream closed because of a broken pipe",
+            "connection reset by peer",
+        ] {
+            assert!(tls_hint(https, dropped).contains("--tls-cert"), "{dropped}");
+            assert!(
+                tls_hint("http://h:1", dropped).contains("https://"),
+                "{dropped}"
+            );
+        }
+        let alert = "received fatal alert: CertificateRequired";
+        assert!(tls_hint(https, alert).contains("--tls-cert"));
+        let untrusted = "invalid peer certificate: UnknownIssuer";
+        assert!(tls_hint(https, untrusted).contains("--tls-ca"));
+        assert_eq!(tls_hint(https, "connection refused"), "");
+    }
 
     #[test]
     fn code_names_are_screaming_snake() {
