@@ -79,6 +79,10 @@ pub enum Command {
     Remove(commands::manage::RemoveArgs),
     /// Rename a class, keeping its examples and the trained head.
     Rename(commands::manage::RenameArgs),
+    /// Write the tenant (taxonomy, embeddings, class means, heads; no photos) to one file.
+    Export(commands::transfer::ExportArgs),
+    /// Load a file from `export` into this (empty) tenant, on this server or another.
+    Import(commands::transfer::ImportArgs),
     /// The server's grpc.health.v1 status.
     Health(commands::health::Args),
     /// Head and model summary, or a feature-server's model with --features.
@@ -150,6 +154,8 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Classes => commands::classes::run(&mut ctx).await?,
         Command::Remove(args) => commands::manage::remove(&mut ctx, args).await?,
         Command::Rename(args) => commands::manage::rename(&mut ctx, args).await?,
+        Command::Export(args) => commands::transfer::export(&mut ctx, args).await?,
+        Command::Import(args) => commands::transfer::import(&mut ctx, args).await?,
         Command::Health(args) => commands::health::run(&mut ctx, args).await?,
         Command::Info(args) => commands::info::run(&mut ctx, args).await?,
         Command::Eval(args) => eval::run(&mut ctx, args).await?,

@@ -255,6 +255,22 @@ impl Classifier for Mock {
             examples: 0,
         }))
     }
+
+    type ExportStream = futures::stream::Empty<Result<FileChunk, Status>>;
+
+    async fn export(
+        &self,
+        _: Request<ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn import(
+        &self,
+        _: Request<tonic::Streaming<FileChunk>>,
+    ) -> Result<Response<ImportResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves the mock (and grpc.health.v1) on a free port; returns its URL.

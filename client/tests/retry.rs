@@ -163,6 +163,22 @@ impl Classifier for Flaky {
     async fn train(&self, _: Request<TrainRequest>) -> Result<Response<TrainResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    type ExportStream = futures::stream::Empty<Result<FileChunk, Status>>;
+
+    async fn export(
+        &self,
+        _: Request<ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn import(
+        &self,
+        _: Request<tonic::Streaming<FileChunk>>,
+    ) -> Result<Response<ImportResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 async fn serve(flaky: Flaky) -> String {

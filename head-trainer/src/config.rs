@@ -49,6 +49,9 @@ pub struct Config {
     pub http_max_body_bytes: usize,
     /// Image bytes held at once across every Enroll and Classify call (see `inflight`).
     pub max_inflight_bytes: usize,
+    /// Largest tenant file Export writes and Import reads. A transfer holds its share of
+    /// `max_inflight_bytes` (twice its size: the file and what it decodes to) while it runs.
+    pub max_transfer_bytes: usize,
     /// Training jobs running at once, across tenants (each uses a core while it runs).
     pub max_training_jobs: usize,
     /// Enroll and ClassifyStream calls carrying images at once.
@@ -94,6 +97,7 @@ impl Config {
             max_photos_per_enroll: 1000,
             http_max_body_bytes: 256 << 20,
             max_inflight_bytes: 256 << 20,
+            max_transfer_bytes: 64 << 20,
             max_training_jobs: 2,
             max_concurrent_uploads: 16,
             thresholds: Thresholds::default(),
@@ -135,6 +139,13 @@ impl Config {
             return bad(format!(
                 "--max-inflight-bytes {} is smaller than one photo (--max-photo-bytes {})",
                 self.max_inflight_bytes, self.max_photo_bytes
+            ));
+        }
+        if self.max_inflight_bytes / 2 < self.max_transfer_bytes {
+            return bad(format!(
+                "--max-inflight-bytes {} must hold twice --max-transfer-bytes {} (a tenant \
+                 file and its decoded copy)",
+                self.max_inflight_bytes, self.max_transfer_bytes
             ));
         }
         if self.http_max_body_bytes < self.max_photo_bytes {
@@ -328,6 +339,10 @@ pub struct Args {
     /// (up to their deadline), then get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TAXON_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20)]
     pub max_inflight_bytes: usize,
+    /// Largest tenant file (`client export`/`import`), in bytes: 64 MiB holds about 31,000
+    /// ResNet18 or 12,500 MobileNetV2 examples. Must be at most half --max-inflight-bytes.
+    #[arg(long, env = "TAXON_MAX_TRANSFER_BYTES", default_value_t = 64 << 20)]
+    pub max_transfer_bytes: usize,
     /// Training jobs running at once across all tenants.
     #[arg(long, env = "TAXON_MAX_TRAINING_JOBS", default_value_t = 2)]
     pub max_training_jobs: usize,
@@ -405,6 +420,7 @@ impl Args {
         c.resolve_interval = seconds("--resolve-interval-s", self.resolve_interval_s)?;
         c.shutdown_grace = seconds("--shutdown-grace-s", self.shutdown_grace_s)?;
         c.max_inflight_bytes = self.max_inflight_bytes;
+        c.max_transfer_bytes = self.max_transfer_bytes;
         c.max_training_jobs = self.max_training_jobs;
         c.max_concurrent_uploads = self.max_concurrent_uploads;
         c.quotas = crate::quota::Quotas {

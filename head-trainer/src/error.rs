@@ -33,6 +33,11 @@ pub enum Error {
     /// An HTTP request body over its limit (`--http-max-body-bytes`, or one photo's).
     #[error("request body is over the limit of {limit} bytes ({what})")]
     BodyTooLarge { limit: usize, what: &'static str },
+    /// A tenant file (Export's or Import's) over `--max-transfer-bytes`.
+    #[error(
+        "tenant file of {bytes} bytes or more, over the limit of {limit} bytes (--max-transfer-bytes)"
+    )]
+    FileTooLarge { bytes: u64, limit: usize },
     /// Every photo of an Enroll was rejected, so nothing was written.
     #[error("no photo accepted ({0})")]
     NothingAccepted(String),
@@ -162,7 +167,9 @@ impl Error {
             Error::Unavailable(_) | Error::DatabaseUnavailable(_) | Error::ShuttingDown => {
                 Code::Unavailable
             }
-            Error::Busy(_) | Error::Quota { .. } => Code::ResourceExhausted,
+            Error::Busy(_) | Error::Quota { .. } | Error::FileTooLarge { .. } => {
+                Code::ResourceExhausted
+            }
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Item { code, .. } => Code::from_i32(*code),
             Error::Unauthenticated(_) => Code::Unauthenticated,

@@ -31,6 +31,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod taxonomy;
+pub mod tenant_file;
 pub mod tenants;
 pub mod trainer;
 

@@ -115,6 +115,19 @@ impl Tenant {
         });
     }
 
+    /// Publishes a whole set read from the store, trained heads included, if it is newer than
+    /// what is live: after a write that replaced the tenant's heads (an import), whose old
+    /// heads must not linger in memory.
+    pub fn publish_set(&self, set: HeadSet) {
+        self.state.send_if_modified(|cur| {
+            if set.taxonomy.seq < cur.taxonomy.seq {
+                return false;
+            }
+            *cur = Arc::new(set);
+            true
+        });
+    }
+
     /// Records that training on `revision` failed, waking waiters.
     pub fn publish_failure(&self, revision: u64, why: String) {
         self.state.send_modify(|cur| {
@@ -135,6 +148,18 @@ pub fn prototype_of(snap: &Snapshot, model: &str, opts: &TrainOptions) -> Result
     head.meta.version = snap.taxonomy.prototype_version;
     head.meta.revision = snap.taxonomy.revision;
     Ok(Some(head))
+}
+
+/// Everything of a tenant the store has: taxonomy, prototype and stored heads.
+fn load(store: &dyn Store, tenant: &str, model: &str, opts: &TrainOptions) -> Result<HeadSet> {
+    let snap = store.snapshot(tenant, Some(model))?;
+    let prototype = prototype_of(&snap, model, opts)?.map(Arc::new);
+    Ok(HeadSet {
+        taxonomy: Arc::new(snap.taxonomy),
+        prototype,
+        trained: stored_heads(store, tenant)?,
+        failed: None,
+    })
 }
 
 /// The tenant's stored heads by kind; an unreadable one is skipped (and logged), so that one
@@ -225,18 +250,9 @@ impl Tenants {
         }
         let store = Arc::clone(&self.store);
         let (tenant, model, opts) = (name.to_string(), model.to_string(), self.opts.clone());
-        let set = tokio::task::spawn_blocking(move || -> Result<HeadSet> {
-            let snap = store.snapshot(&tenant, Some(&model))?;
-            let prototype = prototype_of(&snap, &model, &opts)?.map(Arc::new);
-            Ok(HeadSet {
-                taxonomy: Arc::new(snap.taxonomy),
-                prototype,
-                trained: stored_heads(store.as_ref(), &tenant)?,
-                failed: None,
-            })
-        })
-        .await
-        .map_err(|e| Error::Store(format!("loading tenant: {e}")))??;
+        let set = tokio::task::spawn_blocking(move || load(store.as_ref(), &tenant, &model, &opts))
+            .await
+            .map_err(|e| Error::Store(format!("loading tenant: {e}")))??;
         let mut map = self
             .map
             .lock()
@@ -325,6 +341,22 @@ impl Tenants {
             tenant.publish_head(Arc::unwrap_or_clone(head));
         }
         Ok(true)
+    }
+
+    /// Re-reads everything of the tenant (heads too) and publishes it whole; loads it if it is
+    /// not loaded.
+    pub async fn reload(&self, name: &str, model: &str) -> Result<Arc<Tenant>> {
+        let (tenant, loaded_now) = self.get(name, model).await?;
+        if loaded_now {
+            return Ok(tenant);
+        }
+        let store = Arc::clone(&self.store);
+        let (n, m, opts) = (name.to_string(), model.to_string(), self.opts.clone());
+        let set = tokio::task::spawn_blocking(move || load(store.as_ref(), &n, &m, &opts))
+            .await
+            .map_err(|e| Error::Store(format!("reloading tenant: {e}")))??;
+        tenant.publish_set(set);
+        Ok(tenant)
     }
 
     /// Re-reads the tenant after a write and publishes the new taxonomy and prototype.

@@ -115,6 +115,62 @@ async fn enroll_classify_classes_manage_health_info() {
     assert_eq!(lines[0]["top"][0]["name"], "blue", "{}", lines[0]);
     assert_eq!(lines[1]["top"][0]["name"], "red", "{}", lines[1]);
 
+    // The tenant as a file, into another server: the same answers, no photo sent again.
+    let file = dir.path().join("cli.taxon");
+    let (r, out) = run(args(&["export", &s(&file)])).await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+    assert_eq!(
+        json_lines(&out)[0]["bytes"],
+        std::fs::metadata(&file).unwrap().len()
+    );
+    let other = start_head_trainer(config(&dir.path().join("other"))).await;
+    let on_other = |rest: &[&str]| {
+        let mut a = vec![
+            "--server".to_string(),
+            other.url(),
+            "--tenant".into(),
+            "cli".into(),
+        ];
+        a.push("--json".into());
+        a.extend(rest.iter().map(|s| s.to_string()));
+        async move {
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            client(&refs).await
+        }
+    };
+    let (r, out) = on_other(&["import", &s(&file)]).await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+    let imported = &json_lines(&out)[0];
+    assert_eq!(
+        (imported["classes"].as_u64(), imported["examples"].as_u64()),
+        (Some(3), Some(6))
+    );
+    let (r, again) = on_other(&["classify", "--top-k", "2", &s(&fresh)]).await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{again}");
+    let without_version = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("head_version");
+        v
+    };
+    assert_eq!(
+        json_lines(&again)
+            .into_iter()
+            .map(without_version)
+            .collect::<Vec<_>>(),
+        lines
+            .clone()
+            .into_iter()
+            .map(without_version)
+            .collect::<Vec<_>>(),
+        "the imported tenant answers as the exported one did"
+    );
+    let (r, _) = on_other(&["import", &s(&file)]).await;
+    assert!(
+        r.unwrap_err()
+            .to_string()
+            .contains("import only into an empty tenant")
+    );
+    other.stop().await;
+
     let (r, out) = run(args(&["classes"])).await;
     assert_eq!(r.unwrap(), Outcome::Success);
     let classes: Value = serde_json::from_str(out.trim()).unwrap();

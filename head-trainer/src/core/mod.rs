@@ -11,6 +11,7 @@ mod cache;
 mod classify;
 mod enroll;
 mod manage;
+mod transfer;
 mod types;
 
 pub use classify::Session;

@@ -157,3 +157,16 @@ pub struct Trained {
     pub classes: u32,
     pub examples: u32,
 }
+
+/// What an import committed.
+#[derive(Clone, Debug)]
+pub struct Imported {
+    /// The model identity of the file (and of this server).
+    pub model: String,
+    pub classes: u32,
+    pub examples: u32,
+    /// Trained head kinds imported (the prototype is rebuilt from the examples).
+    pub heads: Vec<String>,
+    /// The head answering now.
+    pub head: Option<HeadRef>,
+}

@@ -321,9 +321,9 @@ impl Head {
         })
     }
 
-    /// `u32 LE length | meta JSON | safetensors`: self-describing, and the tensors load with
-    /// any safetensors reader.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+    /// The head's tensors by name (`std.mean`, `fc.weight`, ...): what [`Head::to_bytes`]
+    /// stores and a tenant file carries, readable by any safetensors reader.
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut t = HashMap::new();
         match &self.net {
             Net::Prototype(p) => p.tensors(&mut t)?,
@@ -331,6 +331,69 @@ impl Head {
             Net::Hierarchical(h) => h.tensors(&mut t)?,
             Net::Combined(c) => c.tensors(&mut t)?,
         }
+        Ok(t)
+    }
+
+    /// The head that `meta` and `tensors` (from [`Head::tensors`]) describe. A missing tensor
+    /// is `Corrupt`; shapes that disagree with `meta` are refused by [`Head::check`].
+    pub fn from_parts(meta: HeadMeta, t: &HashMap<String, Tensor>) -> Result<Self> {
+        let net = match meta.kind()? {
+            HeadKind::Prototype => Net::Prototype(prototype::Prototype::from_tensors(t)?),
+            HeadKind::Flat => Net::Flat(flat::Flat::from_tensors(t)?),
+            HeadKind::Hierarchical => {
+                Net::Hierarchical(hierarchical::Hierarchical::from_tensors(t)?)
+            }
+            HeadKind::Combined => Net::Combined(combined::Combined::from_tensors(t)?),
+        };
+        Ok(Self { meta, net })
+    }
+
+    /// Scores one all-zero embedding and checks that the answer has one probability per class
+    /// (and per group for the parent branch): a head assembled from outside (an imported
+    /// file) whose tensors disagree with its metadata is refused here, not at the first
+    /// classify.
+    pub fn check(&self) -> Result<()> {
+        let bad = |why: String| Error::InvalidArgument(format!("`{}` head: {why}", self.meta.kind));
+        if self.meta.classes.len() != self.meta.class_group.len() {
+            return Err(bad("classes and class groups differ in length".into()));
+        }
+        if let Some(g) = self
+            .meta
+            .class_group
+            .iter()
+            .find(|&&g| g >= self.meta.groups.len())
+        {
+            return Err(bad(format!(
+                "class group {g} of {} groups",
+                self.meta.groups.len()
+            )));
+        }
+        let p = self
+            .predict(&self.meta.model.clone(), &vec![0.0; self.meta.dim])
+            .map_err(|e| bad(e.to_string()))?;
+        if p.probs.len() != self.meta.classes.len() {
+            return Err(bad(format!(
+                "{} outputs for {} classes",
+                p.probs.len(),
+                self.meta.classes.len()
+            )));
+        }
+        if let Some(parent) = &p.parent_branch
+            && parent.len() != self.meta.groups.len()
+        {
+            return Err(bad(format!(
+                "{} parent outputs for {} groups",
+                parent.len(),
+                self.meta.groups.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `u32 LE length | meta JSON | safetensors`: self-describing, and the tensors load with
+    /// any safetensors reader.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let t = self.tensors()?;
         let meta = serde_json::to_vec(&self.meta)?;
         let st = safetensors::serialize(t.iter().map(|(k, v)| (k.as_str(), v)), None)?;
         let mut out = Vec::with_capacity(4 + meta.len() + st.len());
@@ -350,15 +413,7 @@ impl Head {
         ) as usize;
         let meta: HeadMeta = serde_json::from_slice(b.get(4..4 + len).ok_or_else(corrupt)?)?;
         let t = candle_core::safetensors::load_buffer(&b[4 + len..], &Device::Cpu)?;
-        let net = match meta.kind()? {
-            HeadKind::Prototype => Net::Prototype(prototype::Prototype::from_tensors(&t)?),
-            HeadKind::Flat => Net::Flat(flat::Flat::from_tensors(&t)?),
-            HeadKind::Hierarchical => {
-                Net::Hierarchical(hierarchical::Hierarchical::from_tensors(&t)?)
-            }
-            HeadKind::Combined => Net::Combined(combined::Combined::from_tensors(&t)?),
-        };
-        Ok(Self { meta, net })
+        Self::from_parts(meta, &t)
     }
 }
 

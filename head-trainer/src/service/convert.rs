@@ -5,7 +5,8 @@ use taxon_proto::v1 as pb;
 
 use crate::Result;
 use crate::core::{
-    ClassList, ClassScore, Classification, EnrollStart, Enrolled, HeadRef, Label, Removed, Trained,
+    ClassList, ClassScore, Classification, EnrollStart, Enrolled, HeadRef, Imported, Label,
+    Removed, Trained,
 };
 use crate::heads::HeadKind;
 
@@ -141,3 +142,30 @@ impl From<Trained> for pb::TrainResponse {
         }
     }
 }
+
+impl From<Imported> for pb::ImportResponse {
+    fn from(i: Imported) -> Self {
+        Self {
+            head_version: version(i.head.as_ref()),
+            head: i.head.map(|h| h.kind).unwrap_or_default(),
+            model: i.model,
+            classes: i.classes,
+            examples: i.examples,
+            heads: i.heads,
+        }
+    }
+}
+
+/// A tenant file as the chunks Export streams: slices of one buffer, no copies.
+pub fn file_chunks(file: Vec<u8>) -> Vec<pb::FileChunk> {
+    let file = bytes::Bytes::from(file);
+    (0..file.len())
+        .step_by(FILE_CHUNK_BYTES)
+        .map(|at| pb::FileChunk {
+            data: file.slice(at..file.len().min(at + FILE_CHUNK_BYTES)),
+        })
+        .collect()
+}
+
+/// Bytes per FileChunk: well under any message limit.
+const FILE_CHUNK_BYTES: usize = 1 << 20;

@@ -83,6 +83,7 @@ fn enroll_stream_error(s: &Status) -> Error {
 }
 
 type ClassifyStream = Pin<Box<dyn Stream<Item = Result<ClassifyStreamResponse, Status>> + Send>>;
+type FileStream = futures::stream::Iter<std::vec::IntoIter<Result<FileChunk, Status>>>;
 
 #[tonic::async_trait]
 impl Classifier for ClassifierService {
@@ -226,5 +227,33 @@ impl Classifier for ClassifierService {
             self.core.train(&caller, kind).await
         });
         Ok(Response::new(trained.await?.into()))
+    }
+
+    type ExportStream = FileStream;
+
+    async fn export(
+        &self,
+        req: Request<ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let caller = caller(&req)?;
+        let file = self.cut_off(self.core.export(&caller)).await?;
+        let chunks: Vec<_> = convert::file_chunks(file).into_iter().map(Ok).collect();
+        Ok(Response::new(futures::stream::iter(chunks)))
+    }
+
+    async fn import(
+        &self,
+        req: Request<Streaming<FileChunk>>,
+    ) -> Result<Response<ImportResponse>, Status> {
+        let caller = caller(&req)?;
+        let chunks = req.into_inner().map(|chunk| match chunk {
+            Ok(c) => Ok(c.data),
+            Err(s) => Err(Error::InvalidArgument(format!(
+                "import stream: {}",
+                s.message()
+            ))),
+        });
+        let imported = self.cut_off(self.core.import(&caller, chunks));
+        Ok(Response::new(imported.await?.into()))
     }
 }

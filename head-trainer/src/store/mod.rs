@@ -20,6 +20,7 @@ pub use self::postgres::{
     HEADS_CHANNEL, PoolOptions, PostgresStore, describe as describe_postgres,
 };
 pub use self::redb::RedbStore;
+pub(crate) use self::rules::check_import;
 
 use crate::Result;
 use crate::taxonomy::Taxonomy;
@@ -32,6 +33,9 @@ pub struct Snapshot {
     pub taxonomy: Taxonomy,
     /// (class id, embedding), ordered by class id then photo hash: deterministic.
     pub examples: Vec<(u64, Vec<f32>)>,
+    /// The photo hash of each of `examples`, in the same order: what an export carries so
+    /// that the importing tenant still recognises a photo it is sent again.
+    pub hashes: Vec<Hash>,
 }
 
 /// What one Enroll writes: a class (created with its parent if new) and its examples.
@@ -62,6 +66,44 @@ pub struct RemoveOutcome {
     pub removed_classes: Vec<String>,
     pub removed_examples: u32,
     pub revision: u64,
+}
+
+/// What one Import writes into an empty tenant: its classes, parents first, each with its
+/// examples, and the kinds of the trained heads that come with them.
+pub struct ImportWrite<'a> {
+    pub model: &'a str,
+    pub classes: Vec<ImportClass>,
+    /// Trained head kinds, each written with the bytes `encode` gives for it.
+    pub heads: Vec<String>,
+    /// What the tenant may hold (checked in the write's transaction).
+    pub quotas: crate::quota::Quotas,
+}
+
+/// One class of an [`ImportWrite`].
+pub struct ImportClass {
+    pub name: String,
+    /// Index of the parent among the write's classes; always lower than the class's own.
+    pub parent: Option<usize>,
+    pub examples: Vec<(Hash, Vec<f32>)>,
+}
+
+/// What an imported head must record, known only inside the import's transaction: the new
+/// id of each class of the write (in its order), the tenant's revision after the import (so
+/// that the head counts as trained on it) and the head's own version.
+pub struct HeadStamp<'a> {
+    pub ids: &'a [u64],
+    pub revision: u64,
+    pub version: u64,
+}
+
+/// What an Import committed.
+#[derive(Debug)]
+pub struct ImportOutcome {
+    /// The new id of each class of the write, in its order.
+    pub ids: Vec<u64>,
+    pub revision: u64,
+    /// (kind, version) of each head written.
+    pub heads: Vec<(String, u64)>,
 }
 
 /// A tenant's counters as the store has them now: what a replica compares with what it has
@@ -111,6 +153,18 @@ pub trait Store: Send + Sync + 'static {
     /// Renames a class (`UnknownClass`, `AlreadyExists`). Examples and heads refer to the id,
     /// so nothing else changes.
     fn rename_class(&self, tenant: &str, name: &str, new_name: &str) -> Result<()>;
+
+    /// Writes a whole tenant (from an exported file) into one that has no class, in one
+    /// transaction: its classes with fresh ids in the write's order (so that they sort as in
+    /// the source), their examples and embeddings, and its trained heads, replacing any the
+    /// tenant still held. `Precondition` when the tenant has classes; a quota exceeded
+    /// refuses it whole. `encode` gives each head's bytes from its [`HeadStamp`].
+    fn import(
+        &self,
+        tenant: &str,
+        w: &ImportWrite<'_>,
+        encode: &mut dyn FnMut(&str, &HeadStamp<'_>) -> Result<Vec<u8>>,
+    ) -> Result<ImportOutcome>;
 
     /// Stores a trained head under a fresh version, replacing the tenant's previous head of
     /// that kind. `encode` receives the version, so the version inside the bytes and the one
@@ -181,6 +235,12 @@ impl Drop for TrainingLock {
 /// Embeddings are stored as raw little-endian f32: compact, and decoding is a plain copy.
 pub fn encode_embedding(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A stored photo hash as a [`Hash`]; any other length is a corrupt row.
+fn hash_of(b: &[u8]) -> Result<Hash> {
+    b.try_into()
+        .map_err(|_| crate::Error::Corrupt(format!("photo hash of {} bytes", b.len())))
 }
 
 /// Inverse of [`encode_embedding`].

@@ -34,8 +34,8 @@ use r2d2_postgres::r2d2::{Pool, PooledConnection};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    EnrollOutcome, EnrollWrite, Hash, RemoveOutcome, Snapshot, Store, StoreEvent, TrainingLock,
-    Versions, decode_embedding,
+    EnrollOutcome, EnrollWrite, Hash, HeadStamp, ImportOutcome, ImportWrite, RemoveOutcome,
+    Snapshot, Store, StoreEvent, TrainingLock, Versions, decode_embedding,
 };
 use crate::taxonomy::{ClassEntry, Taxonomy};
 use crate::{Error, Result};
@@ -242,10 +242,10 @@ impl Store for PostgresStore {
             .read_only(true)
             .start()?;
         let taxonomy = read_taxonomy(&mut tx, tenant)?;
-        let mut examples = Vec::new();
+        let (mut examples, mut hashes) = (Vec::new(), Vec::new());
         if let Some(model) = model {
             let rows = tx.query(
-                "SELECT e.class_id, m.vector FROM examples e
+                "SELECT e.class_id, m.vector, e.hash FROM examples e
                  JOIN embeddings m ON m.tenant = e.tenant AND m.hash = e.hash AND m.model = $2
                  WHERE e.tenant = $1 ORDER BY e.class_id, e.hash",
                 &[&tenant, &model],
@@ -253,10 +253,15 @@ impl Store for PostgresStore {
             for row in rows {
                 let v: &[u8] = row.get(1);
                 examples.push((id(row.get(0)), decode_embedding(v)));
+                hashes.push(super::hash_of(row.get(2))?);
             }
         }
         tx.commit()?;
-        Ok(Snapshot { taxonomy, examples })
+        Ok(Snapshot {
+            taxonomy,
+            examples,
+            hashes,
+        })
     }
 
     fn embedding(&self, tenant: &str, hash: &Hash, model: &str) -> Result<Option<Vec<f32>>> {
@@ -269,6 +274,15 @@ impl Store for PostgresStore {
 
     fn enroll(&self, tenant: &str, w: &EnrollWrite<'_>) -> Result<EnrollOutcome> {
         classes::enroll(&mut *self.client()?, tenant, w)
+    }
+
+    fn import(
+        &self,
+        tenant: &str,
+        w: &ImportWrite<'_>,
+        encode: &mut dyn FnMut(&str, &HeadStamp<'_>) -> Result<Vec<u8>>,
+    ) -> Result<ImportOutcome> {
+        classes::import(&mut *self.client()?, tenant, w, encode)
     }
 
     fn remove_class(&self, tenant: &str, name: &str, recursive: bool) -> Result<RemoveOutcome> {

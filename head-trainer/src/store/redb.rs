@@ -12,7 +12,10 @@ use std::path::Path;
 
 use ::redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::{EnrollOutcome, EnrollWrite, Hash, RemoveOutcome, Snapshot, Store, decode_embedding};
+use super::{
+    EnrollOutcome, EnrollWrite, Hash, HeadStamp, ImportOutcome, ImportWrite, RemoveOutcome,
+    Snapshot, Store, decode_embedding,
+};
 use crate::taxonomy::{ClassEntry, Taxonomy};
 use crate::{Error, Result};
 use schema::*;
@@ -76,7 +79,7 @@ impl Store for RedbStore {
     fn snapshot(&self, tenant: &str, model: Option<&str>) -> Result<Snapshot> {
         let txn = self.db.begin_read()?;
         let taxonomy = read_taxonomy(&txn, tenant)?;
-        let mut examples = Vec::new();
+        let (mut examples, mut hashes) = (Vec::new(), Vec::new());
         if let Some(model) = model {
             let ex = txn.open_table(EXAMPLES)?;
             let emb = txn.open_table(EMBEDDINGS)?;
@@ -88,10 +91,15 @@ impl Store for RedbStore {
                 }
                 if let Some(v) = emb.get((tenant, hash, model))? {
                     examples.push((class, decode_embedding(v.value())));
+                    hashes.push(super::hash_of(hash)?);
                 }
             }
         }
-        Ok(Snapshot { taxonomy, examples })
+        Ok(Snapshot {
+            taxonomy,
+            examples,
+            hashes,
+        })
     }
 
     fn embedding(&self, tenant: &str, hash: &Hash, model: &str) -> Result<Option<Vec<f32>>> {
@@ -120,6 +128,15 @@ impl Store for RedbStore {
 
     fn enroll(&self, tenant: &str, w: &EnrollWrite<'_>) -> Result<EnrollOutcome> {
         classes::enroll(self, tenant, w)
+    }
+
+    fn import(
+        &self,
+        tenant: &str,
+        w: &ImportWrite<'_>,
+        encode: &mut dyn FnMut(&str, &HeadStamp<'_>) -> Result<Vec<u8>>,
+    ) -> Result<ImportOutcome> {
+        classes::import(self, tenant, w, encode)
     }
 
     fn remove_class(&self, tenant: &str, name: &str, recursive: bool) -> Result<RemoveOutcome> {

@@ -2,8 +2,8 @@
 //! read inside the write's own transaction: one copy, so that two stores cannot drift apart
 //! on what an enroll or a remove may do.
 
-use super::EnrollWrite;
-use crate::quota::exceeded;
+use super::{EnrollWrite, ImportWrite};
+use crate::quota::{Quotas, exceeded};
 use crate::taxonomy::Taxonomy;
 use crate::{Error, Result};
 
@@ -104,9 +104,14 @@ pub(crate) fn check_examples(
         .filter(|c| c.id != class_id)
         .map(|c| u64::from(c.examples))
         .sum();
-    let total = others + in_class;
-    let q = &w.quotas;
-    if q.examples > 0 && total > q.examples {
+    let dim = w.examples.first().map_or(0, |(_, v)| v.len() as u64);
+    check_totals(tenant, &w.quotas, others + in_class, dim)
+}
+
+/// Refuses `examples` embeddings of `dim` floats when they are more examples, or more bytes,
+/// than the tenant's quotas allow.
+fn check_totals(tenant: &str, q: &Quotas, examples: u64, dim: u64) -> Result<()> {
+    if q.examples > 0 && examples > q.examples {
         return Err(exceeded(
             tenant,
             "examples",
@@ -115,8 +120,7 @@ pub(crate) fn check_examples(
             "--quota-examples",
         ));
     }
-    let dim = w.examples.first().map_or(0, |(_, v)| v.len() as u64);
-    let bytes = total * dim * 4;
+    let bytes = examples * dim * 4;
     if q.stored_bytes > 0 && bytes > q.stored_bytes {
         return Err(exceeded(
             tenant,
@@ -127,4 +131,35 @@ pub(crate) fn check_examples(
         ));
     }
     Ok(())
+}
+
+/// Refuses an import into a tenant that has classes (an import replaces nothing: merging two
+/// taxonomies is a decision for a person, not for the file), or one that brings more classes,
+/// examples or embedding bytes than the tenant's quotas allow.
+pub(crate) fn check_import(tenant: &str, t: &Taxonomy, w: &ImportWrite<'_>) -> Result<()> {
+    if !t.classes.is_empty() {
+        return Err(Error::Precondition(format!(
+            "tenant `{tenant}` has {} classes: import only into an empty tenant (remove them, \
+             or import into another tenant)",
+            t.classes.len()
+        )));
+    }
+    let q = &w.quotas;
+    let classes = w.classes.len() as u64;
+    if q.classes > 0 && classes > q.classes {
+        return Err(exceeded(
+            tenant,
+            "classes",
+            "classes",
+            q.classes,
+            "--quota-classes",
+        ));
+    }
+    let examples: u64 = w.classes.iter().map(|c| c.examples.len() as u64).sum();
+    let dim = w
+        .classes
+        .iter()
+        .find_map(|c| c.examples.first())
+        .map_or(0, |(_, v)| v.len() as u64);
+    check_totals(tenant, q, examples, dim)
 }

@@ -66,6 +66,8 @@ for_every_store!(
     rename_and_remove_need_no_photos_and_survive_reopen,
     head_versions_are_fresh_per_tenant_and_one_head_per_kind,
     quotas_refuse_the_whole_enroll_and_count_per_tenant,
+    import_writes_a_whole_tenant_with_fresh_ids_in_order,
+    import_is_refused_whole_unless_the_tenant_is_empty_and_within_quotas,
 );
 
 const M: &str = "mobilenet_v2@sha256:00";
@@ -309,4 +311,139 @@ fn head_versions_are_fresh_per_tenant_and_one_head_per_kind(f: &dyn Fixture) {
     );
     assert!(after.seq > before.seq, "a saved head is a write");
     assert_eq!(s.heads("nobody").unwrap(), vec![]);
+}
+
+/// `dog` (parent) with `beagle` (photos 1, 2) and `pug` (3), and `tabby` (4) on its own.
+fn import_write(quotas: crate::quota::Quotas) -> ImportWrite<'static> {
+    let class = |name: &str, parent, photos: &[u8]| ImportClass {
+        name: name.into(),
+        parent,
+        examples: photos
+            .iter()
+            .map(|&i| (h(i), vec![f32::from(i); 4]))
+            .collect(),
+    };
+    ImportWrite {
+        model: M,
+        classes: vec![
+            class("dog", None, &[]),
+            class("beagle", Some(0), &[1, 2]),
+            class("pug", Some(0), &[3]),
+            class("tabby", None, &[4]),
+        ],
+        heads: vec!["flat".into()],
+        quotas,
+    }
+}
+
+fn import_writes_a_whole_tenant_with_fresh_ids_in_order(f: &dyn Fixture) {
+    let s = f.open();
+    // A tenant that had a class and a head, and then removed the class: empty, but its head
+    // and its counters are still there.
+    s.enroll("t", &write("old", None, &[9])).unwrap();
+    s.save_head("t", "hierarchical", &mut |v| Ok(v.to_le_bytes().to_vec()))
+        .unwrap();
+    s.remove_class("t", "old", false).unwrap();
+    let before = s.snapshot("t", None).unwrap().taxonomy;
+    let mut stamps = Vec::new();
+    let o = s
+        .import(
+            "t",
+            &import_write(crate::quota::Quotas::unlimited()),
+            &mut |kind, st| {
+                stamps.push((st.ids.to_vec(), st.revision, st.version));
+                Ok(format!("{kind}{}", st.version).into_bytes())
+            },
+        )
+        .unwrap();
+    assert_eq!(o.ids.len(), 4);
+    assert!(
+        o.ids.windows(2).all(|w| w[0] < w[1]),
+        "ids in the write's order"
+    );
+    assert!(o.ids[0] > 1, "ids are never reused, across an import too");
+    let snap = s.snapshot("t", Some(M)).unwrap();
+    let tax = &snap.taxonomy;
+    let names: Vec<_> = tax.classes.values().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["dog", "beagle", "pug", "tabby"]);
+    assert_eq!(tax.by_name("pug").unwrap().parent, Some(o.ids[0]));
+    assert_eq!(tax.by_name("tabby").unwrap().parent, None);
+    assert_eq!(tax.leaves(), o.ids[1..].to_vec());
+    assert_eq!(snap.hashes, vec![h(1), h(2), h(3), h(4)]);
+    assert_eq!(snap.examples[2], (o.ids[2], vec![3.0; 4]));
+    assert_eq!(s.embedding("t", &h(4), M).unwrap(), Some(vec![4.0; 4]));
+    assert_eq!(tax.revision, o.revision);
+    assert!(tax.revision > before.revision && tax.seq > before.seq);
+    let (version,) = (o.heads[0].1,);
+    assert_eq!(o.heads, vec![("flat".to_string(), version)]);
+    assert_eq!(stamps, vec![(o.ids.clone(), o.revision, version)]);
+    assert!(version > tax.prototype_version, "one version sequence");
+    assert_eq!(
+        s.heads("t").unwrap(),
+        vec![("flat".to_string(), format!("flat{version}").into_bytes())],
+        "the imported head, and the old tenant's head gone"
+    );
+}
+
+fn import_is_refused_whole_unless_the_tenant_is_empty_and_within_quotas(f: &dyn Fixture) {
+    use crate::quota::Quotas;
+    let s = f.open();
+    let mut never = |_: &str, _: &HeadStamp<'_>| -> crate::Result<Vec<u8>> {
+        panic!("no head is encoded for a refused import")
+    };
+    s.enroll("t", &write("x", None, &[1])).unwrap();
+    let e = s
+        .import("t", &import_write(Quotas::unlimited()), &mut never)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.to_string().contains("has 1 classes"), "{e}");
+    let snap = s.snapshot("t", Some(M)).unwrap();
+    assert_eq!((snap.taxonomy.classes.len(), snap.examples.len()), (1, 1));
+    for (q, flag) in [
+        (
+            Quotas {
+                classes: 3,
+                ..Quotas::unlimited()
+            },
+            "--quota-classes",
+        ),
+        (
+            Quotas {
+                examples: 3,
+                ..Quotas::unlimited()
+            },
+            "--quota-examples",
+        ),
+        (
+            Quotas {
+                stored_bytes: 3 * 4 * 4,
+                ..Quotas::unlimited()
+            },
+            "--quota-stored-bytes",
+        ),
+    ] {
+        let e = s.import("u", &import_write(q), &mut never).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.to_string().contains(flag), "{e}");
+    }
+    // A head that fails to encode aborts the whole import, classes and examples with it.
+    let e = s
+        .import("u", &import_write(Quotas::unlimited()), &mut |_, _| {
+            Err(Error::Corrupt("no bytes".into()))
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("no bytes"));
+    let snap = s.snapshot("u", Some(M)).unwrap();
+    assert!(snap.taxonomy.classes.is_empty() && snap.examples.is_empty());
+    assert_eq!(s.embedding("u", &h(1), M).unwrap(), None);
+    assert!(s.heads("u").unwrap().is_empty());
+    // Exactly at the quotas is allowed.
+    let q = Quotas {
+        classes: 4,
+        examples: 4,
+        stored_bytes: 4 * 4 * 4,
+        ..Quotas::unlimited()
+    };
+    s.import("u", &import_write(q), &mut |_, _| Ok(vec![1]))
+        .unwrap();
 }

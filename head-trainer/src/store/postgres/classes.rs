@@ -6,7 +6,10 @@
 use postgres::{Client, Transaction};
 
 use super::{id, lock_tenant, read_taxonomy};
-use crate::store::{EnrollOutcome, EnrollWrite, RemoveOutcome, encode_embedding, rules};
+use crate::store::{
+    EnrollOutcome, EnrollWrite, Hash, HeadStamp, ImportOutcome, ImportWrite, RemoveOutcome,
+    encode_embedding, rules,
+};
 use crate::{Error, Result};
 
 /// A new class with the next id (ids are never reused).
@@ -27,6 +30,33 @@ fn create_class(
         &[&tenant, &class, &name, &parent],
     )?;
     Ok(id(class))
+}
+
+/// Adds each class's examples (photo hash and embedding under `model`); a photo the class
+/// already has is kept once.
+fn insert_examples<'e>(
+    tx: &mut Transaction<'_>,
+    tenant: &str,
+    model: &str,
+    classes: impl IntoIterator<Item = (u64, &'e [(Hash, Vec<f32>)])>,
+) -> Result<()> {
+    let example = tx.prepare(
+        "INSERT INTO examples (tenant, class_id, hash) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )?;
+    let embedding = tx.prepare(
+        "INSERT INTO embeddings (tenant, hash, model, vector) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant, hash, model) DO UPDATE SET vector = EXCLUDED.vector",
+    )?;
+    for (class, examples) in classes {
+        let class = class as i64;
+        for (hash, v) in examples {
+            let hash = &hash[..];
+            tx.execute(&example, &[&tenant, &class, &hash])?;
+            tx.execute(&embedding, &[&tenant, &hash, &model, &encode_embedding(v)])?;
+        }
+    }
+    Ok(())
 }
 
 /// After a change to the examples: a new revision, and a new version for the prototype.
@@ -52,23 +82,8 @@ pub(super) fn enroll(
     let (class_id, parent_id) = rules::enroll_ids(tenant, &taxonomy, w, |name, parent| {
         create_class(&mut tx, tenant, name, parent)
     })?;
-    let example = tx.prepare(
-        "INSERT INTO examples (tenant, class_id, hash) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING",
-    )?;
-    let embedding = tx.prepare(
-        "INSERT INTO embeddings (tenant, hash, model, vector) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (tenant, hash, model) DO UPDATE SET vector = EXCLUDED.vector",
-    )?;
+    insert_examples(&mut tx, tenant, w.model, [(class_id, &w.examples[..])])?;
     let class = class_id as i64;
-    for (hash, v) in &w.examples {
-        let hash = &hash[..];
-        tx.execute(&example, &[&tenant, &class, &hash])?;
-        tx.execute(
-            &embedding,
-            &[&tenant, &hash, &w.model, &encode_embedding(v)],
-        )?;
-    }
     let examples: i64 = tx
         .query_one(
             "SELECT count(*) FROM examples WHERE tenant = $1 AND class_id = $2",
@@ -94,6 +109,64 @@ pub(super) fn enroll(
         parent,
         examples: u32::try_from(examples).unwrap_or(u32::MAX),
         revision,
+    })
+}
+
+/// Writes an exported tenant into an empty one, under the tenant's lock: the counters move
+/// as redb's do, and the saved heads are announced as `save_head` announces them.
+pub(super) fn import(
+    client: &mut Client,
+    tenant: &str,
+    w: &ImportWrite<'_>,
+    encode: &mut dyn FnMut(&str, &HeadStamp<'_>) -> Result<Vec<u8>>,
+) -> Result<ImportOutcome> {
+    let mut tx = client.transaction()?;
+    lock_tenant(&mut tx, tenant)?;
+    rules::check_import(tenant, &read_taxonomy(&mut tx, tenant)?, w)?;
+    let mut ids: Vec<u64> = Vec::with_capacity(w.classes.len());
+    for c in &w.classes {
+        let parent = c.parent.and_then(|p| ids.get(p).copied());
+        ids.push(create_class(&mut tx, tenant, &c.name, parent)?);
+    }
+    let rows = ids
+        .iter()
+        .zip(&w.classes)
+        .map(|(&id, c)| (id, &c.examples[..]));
+    insert_examples(&mut tx, tenant, w.model, rows)?;
+    let revision = examples_changed(&mut tx, tenant)?;
+    // Heads a tenant kept after its classes were removed name classes that are gone.
+    tx.execute("DELETE FROM heads WHERE tenant = $1", &[&tenant])?;
+    let mut written = Vec::with_capacity(w.heads.len());
+    for kind in &w.heads {
+        let version: i64 = tx
+            .query_one(
+                "UPDATE tenants SET head_seq = head_seq + 1, seq = seq + 1 WHERE tenant = $1
+                 RETURNING head_seq",
+                &[&tenant],
+            )?
+            .get(0);
+        let stamp = HeadStamp {
+            ids: &ids,
+            revision,
+            version: id(version),
+        };
+        let bytes = encode(kind, &stamp)?;
+        tx.execute(
+            "INSERT INTO heads (tenant, kind, version, bytes) VALUES ($1, $2, $3, $4)",
+            &[&tenant, kind, &version, &bytes],
+        )?;
+        let payload = format!("{tenant} {kind} {version}");
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&super::HEADS_CHANNEL, &payload],
+        )?;
+        written.push((kind.clone(), id(version)));
+    }
+    tx.commit()?;
+    Ok(ImportOutcome {
+        ids,
+        revision,
+        heads: written,
     })
 }
 

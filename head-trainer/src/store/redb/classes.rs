@@ -6,7 +6,10 @@ use ::redb::{ReadableTable, WriteTransaction};
 
 use super::schema::*;
 use super::{RedbStore, bump, read_taxonomy_w, set_counter};
-use crate::store::{EnrollOutcome, EnrollWrite, RemoveOutcome, encode_embedding, rules};
+use crate::store::{
+    EnrollOutcome, EnrollWrite, Hash, HeadStamp, ImportOutcome, ImportWrite, RemoveOutcome,
+    encode_embedding, rules,
+};
 use crate::{Error, Result};
 
 /// Creates the class (and its parent) if needed and adds the examples, in one transaction.
@@ -17,15 +20,7 @@ pub(super) fn enroll(s: &RedbStore, tenant: &str, w: &EnrollWrite<'_>) -> Result
         let (class_id, parent_id) = rules::enroll_ids(tenant, &taxonomy, w, |name, parent| {
             create_class(&txn, tenant, name, parent)
         })?;
-        {
-            let mut ex = txn.open_table(EXAMPLES)?;
-            let mut emb = txn.open_table(EMBEDDINGS)?;
-            let bytes_of = |v: &[f32]| encode_embedding(v);
-            for (hash, v) in &w.examples {
-                ex.insert((tenant, class_id, &hash[..]), ())?;
-                emb.insert((tenant, &hash[..], w.model), bytes_of(v).as_slice())?;
-            }
-        }
+        insert_examples(&txn, tenant, w.model, [(class_id, &w.examples[..])])?;
         let examples = count_examples(&txn, tenant, class_id)?;
         // Dropping the transaction uncommitted undoes the whole enroll.
         rules::check_examples(tenant, &taxonomy, w, class_id, u64::from(examples))?;
@@ -42,6 +37,71 @@ pub(super) fn enroll(s: &RedbStore, tenant: &str, w: &EnrollWrite<'_>) -> Result
             parent,
             examples,
             revision,
+        }
+    };
+    txn.commit()?;
+    Ok(outcome)
+}
+
+/// Writes an exported tenant into an empty one, in one transaction: the counters move as an
+/// enroll's do (a new revision and prototype version), then once per head as a saved head's.
+pub(super) fn import(
+    s: &RedbStore,
+    tenant: &str,
+    w: &ImportWrite<'_>,
+    encode: &mut dyn FnMut(&str, &HeadStamp<'_>) -> Result<Vec<u8>>,
+) -> Result<ImportOutcome> {
+    let txn = s.write()?;
+    let outcome = {
+        rules::check_import(tenant, &read_taxonomy_w(&txn, tenant)?, w)?;
+        let mut ids: Vec<u64> = Vec::with_capacity(w.classes.len());
+        for c in &w.classes {
+            let parent = c.parent.and_then(|p| ids.get(p).copied());
+            ids.push(create_class(&txn, tenant, &c.name, parent)?);
+        }
+        let rows = ids
+            .iter()
+            .zip(&w.classes)
+            .map(|(&id, c)| (id, &c.examples[..]));
+        insert_examples(&txn, tenant, w.model, rows)?;
+        let revision = bump(&txn, tenant, COUNTER_REVISION)?;
+        bump(&txn, tenant, COUNTER_SEQ)?;
+        let proto = bump(&txn, tenant, COUNTER_HEAD_SEQ)?;
+        set_counter(&txn, tenant, COUNTER_PROTOTYPE_VERSION, proto)?;
+        // Heads a tenant kept after its classes were removed name classes that are gone.
+        {
+            let mut heads = txn.open_table(HEADS)?;
+            let mut old = Vec::new();
+            for row in heads.range((tenant, "")..)? {
+                let (k, _) = row?;
+                let (t, kind) = k.value();
+                if t != tenant {
+                    break;
+                }
+                old.push(kind.to_string());
+            }
+            for kind in &old {
+                heads.remove((tenant, kind.as_str()))?;
+            }
+        }
+        let mut written = Vec::with_capacity(w.heads.len());
+        for kind in &w.heads {
+            let version = bump(&txn, tenant, COUNTER_HEAD_SEQ)?;
+            bump(&txn, tenant, COUNTER_SEQ)?;
+            let stamp = HeadStamp {
+                ids: &ids,
+                revision,
+                version,
+            };
+            let bytes = encode(kind, &stamp)?;
+            txn.open_table(HEADS)?
+                .insert((tenant, kind.as_str()), bytes.as_slice())?;
+            written.push((kind.clone(), version));
+        }
+        ImportOutcome {
+            ids,
+            revision,
+            heads: written,
         }
     };
     txn.commit()?;
@@ -178,6 +238,25 @@ fn create_class(
         .insert((tenant, id), serde_json::to_vec(&record)?.as_slice())?;
     txn.open_table(CLASS_NAMES)?.insert((tenant, name), id)?;
     Ok(id)
+}
+
+/// Adds each class's examples (photo hash and embedding under `model`); a photo the class
+/// already has is kept once.
+fn insert_examples<'e>(
+    txn: &WriteTransaction,
+    tenant: &str,
+    model: &str,
+    classes: impl IntoIterator<Item = (u64, &'e [(Hash, Vec<f32>)])>,
+) -> Result<()> {
+    let mut ex = txn.open_table(EXAMPLES)?;
+    let mut emb = txn.open_table(EMBEDDINGS)?;
+    for (class, examples) in classes {
+        for (hash, v) in examples {
+            ex.insert((tenant, class, &hash[..]), ())?;
+            emb.insert((tenant, &hash[..], model), encode_embedding(v).as_slice())?;
+        }
+    }
+    Ok(())
 }
 
 fn count_examples(txn: &WriteTransaction, tenant: &str, class: u64) -> Result<u32> {
