@@ -105,7 +105,7 @@ fn serve(args: Args) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {addr} for --metrics-listen"))?;
             let engine = server.engine().clone();
-            let render = std::sync::Arc::new(move || engine.render_metrics());
+            let render = std::sync::Arc::new(move || std::future::ready(engine.render_metrics()));
             tokio::spawn(metrics_http::serve(
                 metrics,
                 render,

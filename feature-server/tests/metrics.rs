@@ -21,7 +21,7 @@ async fn counters_move_by_what_was_sent() {
     let stop = CancellationToken::new();
     let serving = tokio::spawn(http::serve(
         listener,
-        Arc::new(move || engine.render_metrics()),
+        Arc::new(move || std::future::ready(engine.render_metrics())),
         stop.clone().cancelled_owned(),
     ));
 

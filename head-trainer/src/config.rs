@@ -73,6 +73,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// What each tenant may hold and how fast it may ask.
     pub quotas: crate::quota::Quotas,
+    /// Tenants that get Prometheus series of their own (the first seen); 0: none.
+    pub metrics_tenants: usize,
     /// TLS (and mutual TLS) on the gRPC listener; plaintext when no certificate is given.
     pub tls: taxon_ops::tls::ServerTls,
     /// How `https://` feature-servers are trusted, and our certificate for them.
@@ -109,6 +111,7 @@ impl Config {
             wait_for_head_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(30),
             quotas: crate::quota::Quotas::default(),
+            metrics_tenants: 0,
             tls: Default::default(),
             features_tls: features_tls_flags(),
         }
@@ -343,6 +346,11 @@ pub struct Args {
     /// ResNet18 or 12,500 MobileNetV2 examples. Must be at most half --max-inflight-bytes.
     #[arg(long, env = "TAXON_MAX_TRANSFER_BYTES", default_value_t = 64 << 20)]
     pub max_transfer_bytes: usize,
+    /// Per-tenant Prometheus series for the first N tenants seen (requests admitted and
+    /// refused by a quota); later tenants are counted as `(other)`, so a scrape stays bounded
+    /// whoever calls. 0: no tenant in any label.
+    #[arg(long, env = "TAXON_METRICS_TENANTS", default_value_t = 0)]
+    pub metrics_tenants: usize,
     /// Training jobs running at once across all tenants.
     #[arg(long, env = "TAXON_MAX_TRAINING_JOBS", default_value_t = 2)]
     pub max_training_jobs: usize,
@@ -421,6 +429,7 @@ impl Args {
         c.shutdown_grace = seconds("--shutdown-grace-s", self.shutdown_grace_s)?;
         c.max_inflight_bytes = self.max_inflight_bytes;
         c.max_transfer_bytes = self.max_transfer_bytes;
+        c.metrics_tenants = self.metrics_tenants;
         c.max_training_jobs = self.max_training_jobs;
         c.max_concurrent_uploads = self.max_concurrent_uploads;
         c.quotas = crate::quota::Quotas {

@@ -1,9 +1,11 @@
 //! Prometheus metrics: calls, what tenants teach and ask, training, the embedding cache.
 //!
 //! One registry per server (see the feature-server's metrics for why not a global). Labels
-//! take values from fixed sets only (head kinds, decisions, outcomes): never a tenant, class
-//! or photo name, so no caller can grow the number of series. Gauges that mirror state kept
-//! elsewhere (loaded tenants) are read when scraped.
+//! take values from fixed sets only (head kinds, decisions, outcomes): never a class or photo
+//! name, so no caller can grow the number of series. The one exception is opt-in and bounded:
+//! with `--metrics-tenants N`, the first N tenants seen get series of their own and every
+//! later one is counted under `(other)`. Gauges that mirror state kept elsewhere (loaded
+//! tenants, the store's size) are read when scraped.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -54,6 +56,41 @@ pub struct QuotaLabel {
     pub quota: &'static str,
 }
 
+/// A tenant's requests: `admitted`, or `refused` by a quota.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+    pub outcome: &'static str,
+}
+
+/// The label of tenants beyond `--metrics-tenants`; not a valid tenant name, so it cannot be
+/// mistaken for one.
+pub const OTHER_TENANTS: &str = "(other)";
+
+/// Which tenants have series of their own: the first `limit` seen.
+struct TenantSeries {
+    limit: usize,
+    named: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl TenantSeries {
+    /// The label for `tenant`, or `None` when per-tenant series are off.
+    fn label(&self, tenant: &str) -> Option<String> {
+        if self.limit == 0 {
+            return None;
+        }
+        let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+        if named.contains(tenant) {
+            return Some(tenant.to_string());
+        }
+        if named.len() < self.limit {
+            named.insert(tenant.to_string());
+            return Some(tenant.to_string());
+        }
+        Some(OTHER_TENANTS.to_string())
+    }
+}
+
 /// Every series the head-trainer exports, named `taxon_head_trainer_*`.
 pub struct Metrics {
     registry: Registry,
@@ -68,10 +105,21 @@ pub struct Metrics {
     pub embeddings: Family<SourceLabel, Counter>,
     pub quota_refusals: Family<QuotaLabel, Counter>,
     loaded_tenants: Gauge,
+    store_bytes: Gauge,
+    /// Requests per tenant (`--metrics-tenants`; empty when off).
+    pub tenant_requests: Family<TenantLabels, Counter>,
+    tenants: TenantSeries,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(0)
+    }
+}
+
+impl Metrics {
+    /// Every series, with per-tenant ones for the first `tenant_series` tenants (0: none).
+    pub fn new(tenant_series: usize) -> Self {
         let mut r = Registry::with_prefix("taxon_head_trainer");
         let calls = RpcMetrics::register(&mut r);
         let enrolled_photos = Family::<PhotoLabels, Counter>::default();
@@ -123,6 +171,19 @@ impl Default for Metrics {
             "Tenants held in memory",
             loaded_tenants.clone(),
         );
+        let store_bytes = Gauge::default();
+        r.register(
+            "store_bytes",
+            "Bytes the store takes (the redb file, or Taxon's tables in PostgreSQL), read per scrape",
+            store_bytes.clone(),
+        );
+        let tenant_requests = Family::<TenantLabels, Counter>::default();
+        r.register(
+            "tenant_requests",
+            "Requests per tenant, admitted or refused by a quota (--metrics-tenants; the tenants \
+             beyond it as (other))",
+            tenant_requests.clone(),
+        );
         Self {
             registry: r,
             calls,
@@ -134,11 +195,35 @@ impl Default for Metrics {
             embeddings,
             quota_refusals,
             loaded_tenants,
+            store_bytes,
+            tenant_requests,
+            tenants: TenantSeries {
+                limit: tenant_series,
+                named: Default::default(),
+            },
         }
     }
-}
 
-impl Metrics {
+    /// Counts one of `tenant`'s requests as admitted, or refused when `refusal` is a quota's.
+    pub fn request(&self, tenant: &str, refusal: Option<&crate::Error>) {
+        if let Some(e) = refusal {
+            self.refused(e);
+        }
+        if let Some(label) = self.tenants.label(tenant) {
+            let outcome = match refusal {
+                Some(crate::Error::Quota { .. }) => "refused",
+                Some(_) => return,
+                None => "admitted",
+            };
+            self.tenant_requests
+                .get_or_create(&TenantLabels {
+                    tenant: label,
+                    outcome,
+                })
+                .inc();
+        }
+    }
+
     pub fn photos(&self, outcome: &'static str, n: u64) {
         self.enrolled_photos
             .get_or_create(&PhotoLabels { outcome })
@@ -180,9 +265,13 @@ impl Metrics {
         self.embeddings.get_or_create(&SourceLabel { source }).inc();
     }
 
-    /// The text exposition, with the state gauges as they are now.
-    pub fn render(&self, loaded_tenants: usize) -> String {
+    /// The text exposition, with the state gauges as they are now (`store_bytes` keeps its
+    /// last value when the store could not say).
+    pub fn render(&self, loaded_tenants: usize, store_bytes: Option<u64>) -> String {
         self.loaded_tenants.set(loaded_tenants as i64);
+        if let Some(b) = store_bytes {
+            self.store_bytes.set(i64::try_from(b).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -14,20 +14,23 @@ use tokio::net::TcpListener;
 /// The exposition format's content type, version 0.0.4 (what Prometheus asks for first).
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves `render()` at `/metrics` until `shutdown` resolves.
-pub async fn serve<F>(
+/// Serves `render()` at `/metrics` until `shutdown` resolves. `render` is async so that a
+/// gauge read from elsewhere (the size of a database across the network) is read off the
+/// async workers, per scrape, rather than cached and stale.
+pub async fn serve<F, Fut>(
     listener: TcpListener,
     render: Arc<F>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
-    F: Fn() -> String + Send + Sync + 'static,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
 {
     let app = Router::new().route(
         "/metrics",
         get(move || {
             let render = render.clone();
-            async move { ([(CONTENT_TYPE, TEXT_FORMAT)], render()).into_response() }
+            async move { ([(CONTENT_TYPE, TEXT_FORMAT)], render().await).into_response() }
         }),
     );
     axum::serve(listener, app)

@@ -69,9 +69,7 @@ impl Core {
         input: ClassifyInput,
     ) -> Result<Classification> {
         // Each image is a request for the rate quota, whether alone or in a stream.
-        self.admission
-            .admit(&session.tenant.name)
-            .inspect_err(|e| self.metrics.refused(e))?;
+        self.admit_tenant(&session.tenant.name)?;
         let deadline = self.deadline_within(session.caller_deadline);
         let (tenant, model) = (&session.tenant, &session.model);
         let set = tenant.current();

@@ -34,6 +34,9 @@ use crate::trainer::Trainer;
 use crate::{Error, Result};
 use cache::EmbeddingLru;
 
+/// Longest a scrape waits for the store to say its size.
+const STORE_SIZE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The head-trainer's state and operations, shared by every request of every face.
 pub struct Core {
     config: Config,
@@ -55,7 +58,7 @@ pub struct Core {
 impl Core {
     /// The core over an open store and a source of embeddings.
     pub fn new(config: Config, store: Arc<dyn Store>, features: Arc<dyn EmbeddingSource>) -> Self {
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(config.metrics_tenants));
         let trainer = Trainer::new(
             Arc::clone(&store),
             config.train.clone(),
@@ -95,9 +98,21 @@ impl Core {
         &self.metrics
     }
 
-    /// The metrics in the text exposition format, the state gauges read now.
-    pub fn render_metrics(&self) -> String {
-        self.metrics.render(self.tenants.loaded())
+    /// The metrics in the text exposition format, the state gauges read now. The store's size
+    /// is asked on the blocking pool (PostgreSQL answers over the network), for at most
+    /// [`STORE_SIZE_TIMEOUT`]: a scrape never hangs on a database that is down.
+    pub async fn render_metrics(&self) -> String {
+        let store = Arc::clone(&self.store);
+        let size = tokio::task::spawn_blocking(move || store.size_bytes());
+        let size = match tokio::time::timeout(STORE_SIZE_TIMEOUT, size).await {
+            Ok(Ok(Ok(bytes))) => Some(bytes),
+            Ok(Ok(Err(e))) => {
+                tracing::debug!(error = %e, "store size unknown for this scrape");
+                None
+            }
+            Ok(Err(_)) | Err(_) => None,
+        };
+        self.metrics.render(self.tenants.loaded(), size)
     }
 
     pub fn config(&self) -> &Config {
@@ -137,9 +152,15 @@ impl Core {
 
     /// One request of `caller`'s, against its tenant's rate quota: every operation starts here.
     fn admit(&self, caller: &Caller) -> Result<()> {
-        self.admission
-            .admit(&caller.tenant)
-            .inspect_err(|e| self.metrics.refused(e))
+        self.admit_tenant(&caller.tenant)
+    }
+
+    /// One request of `tenant`'s against its rate quota, counted (per tenant too, when
+    /// `--metrics-tenants` asks for it).
+    fn admit_tenant(&self, tenant: &str) -> Result<()> {
+        let admitted = self.admission.admit(tenant);
+        self.metrics.request(tenant, admitted.as_ref().err());
+        admitted
     }
 
     /// The model identity, or UNAVAILABLE while no feature-server has answered `Info`.

@@ -176,9 +176,13 @@ pub async fn serve(
         // Weak: a scrape connection left open must not keep the core (and the store) alive.
         let core = Arc::downgrade(&core);
         let render = Arc::new(move || {
-            core.upgrade()
-                .map(|c| c.render_metrics())
-                .unwrap_or_default()
+            let core = core.upgrade();
+            async move {
+                match core {
+                    Some(c) => c.render_metrics().await,
+                    None => String::new(),
+                }
+            }
         });
         tokio::spawn(metrics_http::serve(
             listener,

@@ -179,6 +179,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored head of the tenant, as (kind, bytes).
     fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>>;
 
+    /// Bytes the store takes on disk (every tenant's): for the `store_bytes` gauge.
+    fn size_bytes(&self) -> Result<u64>;
+
     /// The lock that makes a training job the only one of the tenant across every
     /// head-trainer on this store, held until dropped; `None` while another process holds it
     /// (the trainer waits and asks again). A store that only one process can open needs none

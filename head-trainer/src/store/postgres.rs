@@ -350,6 +350,17 @@ impl Store for PostgresStore {
         true
     }
 
+    /// Our tables with their indexes and TOAST (embeddings and heads are stored out of line):
+    /// what the database holds for Taxon, not the whole cluster's size.
+    fn size_bytes(&self) -> Result<u64> {
+        let row = self.client()?.query_one(
+            "SELECT COALESCE(sum(pg_total_relation_size(t::regclass)), 0)::bigint
+             FROM unnest(ARRAY['tenants', 'classes', 'examples', 'embeddings', 'heads']) AS t",
+            &[],
+        )?;
+        Ok(id(row.get(0)))
+    }
+
     fn versions(&self, tenant: &str) -> Result<Option<Versions>> {
         let row = self.client()?.query_opt(
             "SELECT seq, head_seq FROM tenants WHERE tenant = $1",

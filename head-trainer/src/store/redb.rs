@@ -23,6 +23,8 @@ use schema::*;
 /// The embedded database.
 pub struct RedbStore {
     db: Database,
+    /// The database file, for its size.
+    path: std::path::PathBuf,
 }
 
 impl RedbStore {
@@ -66,7 +68,7 @@ impl RedbStore {
             txn.open_table(HEADS)?;
         }
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, path })
     }
 
     /// A write transaction that is on disk when `commit` returns (see [`begin_write`]).
@@ -145,6 +147,14 @@ impl Store for RedbStore {
 
     fn rename_class(&self, tenant: &str, name: &str, new_name: &str) -> Result<()> {
         classes::rename_class(self, tenant, name, new_name)
+    }
+
+    /// The file's length: redb grows it in steps and reuses freed pages, so it is what the
+    /// store costs the disk, not the sum of its rows.
+    fn size_bytes(&self) -> Result<u64> {
+        std::fs::metadata(&self.path)
+            .map(|m| m.len())
+            .map_err(|e| Error::Store(format!("{}: {e}", self.path.display())))
     }
 
     fn heads(&self, tenant: &str) -> Result<Vec<(String, Vec<u8>)>> {

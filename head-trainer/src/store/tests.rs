@@ -170,6 +170,7 @@ fn enroll_creates_class_parent_and_examples_in_one_go(f: &dyn Fixture) {
     assert_eq!(tax.leaves(), vec![beagle.id]);
     assert_eq!(snap.examples.len(), 3);
     assert_eq!(s.embedding("t", &h(2), M).unwrap(), Some(vec![2.0; 4]));
+    assert!(s.size_bytes().unwrap() > 0, "the store's size is known");
     // The same photos again: still three examples.
     assert_eq!(
         s.enroll("t", &write("beagle", None, &[1, 2]))
