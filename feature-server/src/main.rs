@@ -19,6 +19,10 @@ struct Cli {
     /// span fields such as `trace_id`, for log collectors). RUST_LOG filters either.
     #[arg(long, env = "TAXON_LOG_FORMAT", default_value = "text", global = true)]
     log_format: taxon_ops::logging::LogFormat,
+    /// Export every span to this OTLP/gRPC collector (`http://collector:4317`), in the
+    /// callers' traces; needs a build with `--features otlp`.
+    #[arg(long, env = "TAXON_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     serve: Args,
     #[command(subcommand)]
@@ -53,7 +57,13 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    taxon_ops::logging::init(cli.log_format, "info");
+    let _telemetry = taxon_ops::logging::init(
+        cli.log_format,
+        "info",
+        cli.otlp_endpoint.as_deref(),
+        "taxon-feature-server",
+    )
+    .map_err(anyhow::Error::msg)?;
     match cli.command {
         Some(Command::FetchWeights {
             backbone,

@@ -93,6 +93,9 @@ impl Features for FeaturesService {
             peer = ?request.remote_addr(),
             timeout_ms = timeout.map(|t| t.as_millis() as u64),
         );
+        if let Some(t) = &trace {
+            t.adopt(&span);
+        }
         let inflight = self.config.max_inflight_per_stream;
         let (tx, rx) = mpsc::channel(inflight);
         let driver = StreamDriver {

@@ -366,6 +366,10 @@ pub struct Args {
     /// span fields such as `trace_id`, for log collectors). RUST_LOG filters either.
     #[arg(long, env = "TAXON_LOG_FORMAT", default_value = "text")]
     pub log_format: taxon_ops::logging::LogFormat,
+    /// Export every span to this OTLP/gRPC collector (`http://collector:4317`), in the
+    /// callers' traces; needs a build with `--features otlp`.
+    #[arg(long, env = "TAXON_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Classes (parents included) each tenant may have; 0: no limit.
     #[arg(long, env = "TAXON_QUOTA_CLASSES", default_value_t = crate::quota::Quotas::default().classes)]
     pub quota_classes: u64,

@@ -8,7 +8,13 @@ use head_trainer::config::Args;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    taxon_ops::logging::init(args.log_format, "info");
+    let _telemetry = taxon_ops::logging::init(
+        args.log_format,
+        "info",
+        args.otlp_endpoint.as_deref(),
+        "taxon-head-trainer",
+    )
+    .map_err(anyhow::Error::msg)?;
     let config = args.config().context("invalid configuration")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -7,6 +7,8 @@
 pub mod grpc_metrics;
 pub mod logging;
 pub mod metrics_http;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod rpc_metrics;
 pub mod tls;
 pub mod trace;

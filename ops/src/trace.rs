@@ -2,8 +2,8 @@
 //! head-trainer to the feature-server and into the batch that served it, so that one
 //! request's lines can be found in every service's logs by its trace id.
 //!
-//! Only the header is implemented, not a tracer: spans record `trace_id` as a field, and an
-//! OTLP exporter, where one is wanted, can be put behind a feature without changing callers.
+//! Spans record `trace_id` as a field; with the `otlp` feature and `--otlp-endpoint`, they
+//! are also exported as OpenTelemetry spans of the caller's trace ([`crate::otlp`]).
 
 use std::fmt;
 
@@ -63,12 +63,23 @@ impl TraceContext {
         }
     }
 
-    /// The context to send downstream: the same trace, with `span` (ours) as the parent.
+    /// The context to send downstream: the same trace, with the current span as the parent
+    /// (its exported span id when spans are exported, a fresh id otherwise).
     pub fn child(&self) -> Self {
-        Self {
-            parent_id: random_nonzero::<u64>(),
-            ..*self
-        }
+        #[cfg(feature = "otlp")]
+        let parent_id =
+            crate::otlp::span_id(&tracing::Span::current()).unwrap_or_else(random_nonzero::<u64>);
+        #[cfg(not(feature = "otlp"))]
+        let parent_id = random_nonzero::<u64>();
+        Self { parent_id, ..*self }
+    }
+
+    /// Puts `span` into this trace: records its `trace_id` field (declared by the span) and,
+    /// when spans are exported, makes the caller's span its parent.
+    pub fn adopt(&self, span: &tracing::Span) {
+        span.record("trace_id", self.trace_id_hex());
+        #[cfg(feature = "otlp")]
+        crate::otlp::adopt(span, self);
     }
 
     /// From gRPC metadata, or HTTP headers (the same name and format).

@@ -37,7 +37,7 @@ pub fn trace_of(md: &tonic::metadata::MetadataMap) -> taxon_ops::trace::TraceCon
     use taxon_ops::trace::{TRACEPARENT, TraceContext};
     let trace = TraceContext::from_header(md.get(TRACEPARENT).map(|v| v.as_bytes()))
         .unwrap_or_else(TraceContext::root);
-    tracing::Span::current().record("trace_id", trace.trace_id_hex());
+    trace.adopt(&tracing::Span::current());
     trace
 }
 
