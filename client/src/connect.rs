@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use taxon_ops::trace::{TRACEPARENT, TraceContext};
 use taxon_proto::TENANT_HEADER;
 use taxon_proto::v1::classifier_client::ClassifierClient;
 use taxon_proto::v1::features_client::FeaturesClient;
@@ -52,13 +53,26 @@ impl Service {
     }
 }
 
-/// Adds `x-tenant`, `authorization: Bearer ...` and the deadline (`grpc-timeout`, from
-/// `--timeout-s`) to every request.
-#[derive(Debug, Clone, Default)]
+/// Adds `x-tenant`, `authorization: Bearer ...`, the deadline (`grpc-timeout`, from
+/// `--timeout-s`) and a W3C `traceparent` to every request: every call of one command is in
+/// one trace, so an operator can find all of it in the servers' logs by one trace id.
+#[derive(Debug, Clone)]
 pub struct Auth {
     tenant: Option<AsciiMetadataValue>,
     token: Option<AsciiMetadataValue>,
     timeout: Option<Duration>,
+    trace: TraceContext,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            tenant: None,
+            token: None,
+            timeout: None,
+            trace: TraceContext::root(),
+        }
+    }
 }
 
 impl Auth {
@@ -81,8 +95,19 @@ impl Auth {
         Ok(Self {
             tenant,
             token,
-            timeout: None,
+            ..Self::default()
         })
+    }
+
+    /// Continues `trace` (a script's own, from `TRACEPARENT`) instead of starting one.
+    pub fn with_trace(mut self, trace: TraceContext) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// The trace every call of this command is in.
+    pub fn trace(&self) -> &TraceContext {
+        &self.trace
     }
 
     /// Every call gets `timeout` as its deadline (each attempt of a retried call its own):
@@ -103,6 +128,9 @@ impl Interceptor for Auth {
         }
         if let Some(t) = self.timeout {
             req.set_timeout(t);
+        }
+        if let Ok(v) = self.trace.child().to_string().parse() {
+            req.metadata_mut().insert(TRACEPARENT, v);
         }
         Ok(req)
     }
@@ -249,6 +277,23 @@ mod tests {
             req.metadata().get("authorization").unwrap(),
             "Bearer s3cret"
         );
+    }
+
+    #[test]
+    fn every_call_of_a_command_is_in_one_trace() {
+        let sent = |auth: &mut Auth| {
+            let req = auth.call(tonic::Request::new(())).unwrap();
+            let v = req.metadata().get(TRACEPARENT).expect("traceparent");
+            TraceContext::from_header(Some(v.as_bytes())).expect("a valid traceparent")
+        };
+        let mut auth = Auth::new(None, None).unwrap();
+        let (a, b) = (sent(&mut auth), sent(&mut auth));
+        assert_eq!(a.trace_id, auth.trace().trace_id);
+        assert_eq!(b.trace_id, a.trace_id, "one trace");
+        assert_ne!(b.parent_id, a.parent_id, "a span per call");
+        let script = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let mut continued = Auth::new(None, None).unwrap().with_trace(script.unwrap());
+        assert_eq!(sent(&mut continued).trace_id, script.unwrap().trace_id);
     }
 
     #[test]

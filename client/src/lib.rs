@@ -51,6 +51,10 @@ pub struct Cli {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "TAXON_TLS_KEY", global = true, requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// A W3C trace context to continue (a script's own trace), so that the servers' spans
+    /// and log lines for this command are in it; a new trace per command otherwise.
+    #[arg(long, env = "TRACEPARENT", global = true)]
+    pub traceparent: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -113,12 +117,19 @@ pub struct Ctx<'a> {
     pub timeout: Option<std::time::Duration>,
     /// How https:// servers are trusted (`--tls-ca`), and our certificate.
     pub tls: taxon_ops::tls::ClientTls,
+    /// The trace to continue (`TRACEPARENT`); a new one per command otherwise.
+    pub trace: Option<taxon_ops::trace::TraceContext>,
     pub out: &'a mut dyn Write,
 }
 
 impl Ctx<'_> {
     pub fn auth(&self) -> Result<Auth> {
-        Ok(Auth::new(self.tenant.as_deref(), self.token.as_deref())?.with_timeout(self.timeout))
+        let auth =
+            Auth::new(self.tenant.as_deref(), self.token.as_deref())?.with_timeout(self.timeout);
+        Ok(match self.trace {
+            Some(t) => auth.with_trace(t),
+            None => auth,
+        })
     }
 
     /// Connects to the head-trainer at `--server`.
@@ -146,6 +157,10 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
             key: cli.tls_key,
             flags: Default::default(),
         },
+        trace: cli
+            .traceparent
+            .as_deref()
+            .and_then(taxon_ops::trace::TraceContext::parse),
         out,
     };
     let outcome = match cli.command {

@@ -86,10 +86,14 @@ struct Bucket {
 /// which changes nothing (a full bucket is what a new one is).
 const MAX_BUCKETS: usize = 100_000;
 
+/// The buckets are split by tenant over this many locks, so that tenants rarely wait on each
+/// other's admission, and the sweep of idle buckets holds one shard, not every tenant.
+const SHARDS: usize = 16;
+
 /// The rate and concurrency state of every tenant that asked lately.
 pub struct Admission {
     quotas: Quotas,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: [Mutex<HashMap<String, Bucket>>; SHARDS],
     enrolls: Arc<Mutex<HashMap<String, u64>>>,
 }
 
@@ -115,7 +119,7 @@ impl Admission {
     pub fn new(quotas: Quotas) -> Self {
         Self {
             quotas,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             enrolls: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -136,10 +140,10 @@ impl Admission {
             return Ok(());
         }
         let burst = self.quotas.burst.max(1) as f64;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(tenant) {
+        let mut buckets = self.shard(tenant).lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_BUCKETS / SHARDS && !buckets.contains_key(tenant) {
             buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
-            if buckets.len() >= MAX_BUCKETS {
+            if buckets.len() >= MAX_BUCKETS / SHARDS {
                 return Err(Error::Busy(format!(
                     "{MAX_BUCKETS} tenants are being rate-limited at once: retry in a moment"
                 )));
@@ -165,6 +169,14 @@ impl Admission {
         }
         bucket.tokens -= 1.0;
         Ok(())
+    }
+
+    /// The lock over `tenant`'s bucket.
+    fn shard(&self, tenant: &str) -> &Mutex<HashMap<String, Bucket>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        tenant.hash(&mut h);
+        &self.buckets[h.finish() as usize % SHARDS]
     }
 
     /// A place among `tenant`'s concurrent enrolls, or RESOURCE_EXHAUSTED when all are taken.
@@ -227,6 +239,33 @@ mod tests {
             a.admit_at("t", t2).unwrap();
         }
         assert!(a.admit_at("t", t2).is_err());
+    }
+
+    #[test]
+    fn buckets_are_bounded_and_idle_ones_make_room() {
+        // A bucket takes 100 s to refill: none does while the tenants arrive.
+        let a = rated(0.01, 1);
+        let t0 = Instant::now();
+        let mut admitted = 0;
+        let refused = (0..2 * MAX_BUCKETS).find_map(|i| match a.admit_at(&format!("t{i}"), t0) {
+            Ok(()) => {
+                admitted += 1;
+                None
+            }
+            Err(e) => Some(e),
+        });
+        let e = refused.expect("the bound holds");
+        assert!(matches!(e, Error::Busy(_)), "{e}");
+        assert!(
+            (MAX_BUCKETS / 2..=MAX_BUCKETS).contains(&admitted),
+            "{admitted} buckets before a shard was full"
+        );
+        // Once they have refilled, they are forgotten to make room (a full bucket is a new one).
+        a.admit_at("late", t0 + Duration::from_secs(1000)).unwrap();
+        // The tenant refused for room is admitted once there is room.
+        let refused_one = format!("t{admitted}");
+        a.admit_at(&refused_one, t0 + Duration::from_secs(1000))
+            .unwrap();
     }
 
     #[test]

@@ -103,53 +103,19 @@ impl fmt::Display for TraceContext {
     }
 }
 
-/// Not cryptographic, only unique enough: a hash of a random-keyed hasher's state with the
-/// time and a counter (std's `RandomState` is seeded per process from the OS).
-fn random_nonzero<T: FromU128>() -> T {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(1);
+/// A random id that is not zero (zero means "invalid" in W3C trace context), from the
+/// thread-local generator `rand` seeds from the OS: ids of concurrent requests never share
+/// a seed.
+fn random_nonzero<T>() -> T
+where
+    T: Copy + PartialEq + Default,
+    rand::distr::StandardUniform: rand::distr::Distribution<T>,
+{
     loop {
-        let state = std::collections::hash_map::RandomState::new();
-        let word = |salt: u64| {
-            let mut h = state.build_hasher();
-            h.write_u64(salt);
-            h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            h.finish()
-        };
-        let v = (u128::from(word(1)) << 64) | u128::from(word(2));
-        let v = T::from_u128(v);
-        if !v.is_zero() {
+        let v: T = rand::random();
+        if v != T::default() {
             return v;
         }
-    }
-}
-
-trait FromU128: Copy {
-    fn from_u128(v: u128) -> Self;
-    fn is_zero(&self) -> bool;
-}
-
-impl FromU128 for u128 {
-    fn from_u128(v: u128) -> Self {
-        v
-    }
-    fn is_zero(&self) -> bool {
-        *self == 0
-    }
-}
-
-impl FromU128 for u64 {
-    fn from_u128(v: u128) -> Self {
-        v as u64
-    }
-    fn is_zero(&self) -> bool {
-        *self == 0
     }
 }
 
