@@ -34,6 +34,8 @@ use crate::{Error, Result};
 pub const FORMAT: &str = "taxon-heads";
 /// The `format_version` this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The longest embedding a file may hold (the backbones' are 512 and 1280).
+const MAX_DIM: usize = 1 << 16;
 
 /// One class of the file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,8 +147,8 @@ impl TenantFile {
         let dim: usize = field("dim")?
             .parse()
             .map_err(|e| bad(format!("dim: {e}")))?;
-        if dim == 0 {
-            return Err(bad("dim 0"));
+        if dim == 0 || dim > MAX_DIM {
+            return Err(bad(format!("dim {dim}, expected 1 to {MAX_DIM}")));
         }
         let tenant = field("tenant")?.clone();
         let classes: Vec<FileClass> =
@@ -243,6 +245,11 @@ fn read_examples(
         .first()
         .copied()
         .unwrap_or(0);
+    // Without examples nothing would bound `dim` by the file's size, and the heads are
+    // checked by running them on a `dim`-long input; Export never writes an empty tenant.
+    if n == 0 {
+        return Err(bad("no examples"));
+    }
     let x = tensor(st, "examples.embedding", Dtype::F32, &[n, dim])?;
     let class = tensor(st, "examples.class", Dtype::U32, &[n])?;
     let hash = tensor(st, "examples.hash", Dtype::U8, &[n, 32])?;

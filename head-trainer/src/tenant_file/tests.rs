@@ -163,6 +163,14 @@ fn classes_must_be_valid_unique_and_parents_first() {
 }
 
 #[test]
+fn a_file_without_examples_is_refused() {
+    let mut file = sample();
+    file.examples.clear();
+    file.heads.clear();
+    assert!(refused(&file.encode().unwrap()).contains("no examples"));
+}
+
+#[test]
 fn heads_must_match_the_file() {
     let metas = |f: &dyn Fn(&mut HeadMeta)| {
         let mut m: Vec<HeadMeta> = sample().heads.iter().map(|h| h.meta.clone()).collect();
@@ -191,5 +199,6 @@ fn heads_must_match_the_file() {
     ));
     assert!(msg.contains("two `prototype` heads"), "{msg}");
     assert!(refused(&with_meta("dim", "0")).contains("dim 0"));
+    assert!(refused(&with_meta("dim", "1000000000000")).contains("expected 1 to 65536"));
     assert!(refused(&with_meta("dim", "9")).contains("expected F32"));
 }
