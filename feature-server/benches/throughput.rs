@@ -25,6 +25,8 @@ const PYTORCH_EAGER: [f64; 3] = [16.7, 20.3, 19.1];
 const ONNX_RUNTIME: [f64; 3] = [32.4, 37.2, 34.7];
 const STOCK_CANDLE: [f64; 3] = [5.5, 6.2, 6.9];
 const STREAMS: usize = 4;
+/// `--max-wait-ms` compared: the default (dispatch at once when idle) and the old 5 ms.
+const WAITS: [u64; 2] = [0, 5];
 const ROUNDS: usize = 2;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -70,6 +72,8 @@ fn main() -> BenchResult<()> {
     let mut pre_ms = f64::INFINITY;
     let mut forward = [f64::INFINITY; 3];
     let mut e2e = [(0.0, 0.0); 3];
+    // Per --max-wait-ms of WAITS: (4 streams at max_batch 32: img/s, mean batch), one at a time.
+    let mut dispatch: [((f64, f64), f64); 2] = [((0.0, 0.0), 0.0); 2];
     let (mut forward_peak, mut serving_peak) = (0, 0);
     for _round in 0..ROUNDS {
         pre_ms = pre_ms.min(preprocess_ms(&photos)?);
@@ -83,12 +87,28 @@ fn main() -> BenchResult<()> {
         // The serving peak on its own, not masked by the bare forward passes above.
         reset_peak_rss();
         for (i, &b) in BATCHES.iter().enumerate() {
-            let run = runtime.block_on(end_to_end(&resnet, b, &photos, device_choice))?;
+            let run = runtime.block_on(end_to_end(
+                &resnet,
+                b,
+                &photos,
+                device_choice,
+                Config::default().max_wait,
+            ))?;
             if run.0 > e2e[i].0 {
                 e2e[i] = run;
             }
         }
         serving_peak = serving_peak.max(peak_rss_kb());
+        for (i, &wait) in WAITS.iter().enumerate() {
+            let wait = Duration::from_millis(wait);
+            let streams =
+                runtime.block_on(end_to_end(&resnet, 32, &photos, device_choice, wait))?;
+            if streams.0 > dispatch[i].0.0 {
+                dispatch[i].0 = streams;
+            }
+            let lone = runtime.block_on(one_at_a_time(&resnet, &photos, device_choice, wait))?;
+            dispatch[i].1 = dispatch[i].1.max(lone);
+        }
     }
 
     println!(
@@ -108,6 +128,27 @@ fn main() -> BenchResult<()> {
             ips / STOCK_CANDLE[i],
             STOCK_CANDLE[i],
             e2e_ips / PYTORCH_EAGER[i],
+        );
+    }
+
+    println!();
+    println!(
+        "| --max-wait-ms | e2e img/s, {STREAMS} streams, max batch 32 | mean batch | x ONNX Runtime b32 | one image at a time img/s | x ONNX Runtime b1 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (i, wait) in WAITS.iter().enumerate() {
+        let ((ips, mean_batch), lone) = dispatch[i];
+        let default = if Duration::from_millis(*wait) == Config::default().max_wait {
+            " (default)"
+        } else {
+            ""
+        };
+        println!(
+            "| {wait}{default} | {ips:.1} | {mean_batch:.1} | {:.2} (anchor {}) | {lone:.1} | {:.2} (anchor {}) |",
+            ips / ONNX_RUNTIME[2],
+            ONNX_RUNTIME[2],
+            lone / ONNX_RUNTIME[0],
+            ONNX_RUNTIME[0],
         );
     }
 
@@ -234,24 +275,9 @@ async fn end_to_end(
     b: usize,
     photos: &[Vec<u8>],
     device: DeviceChoice,
+    max_wait: Duration,
 ) -> BenchResult<(f64, f64)> {
-    let config = Config {
-        device,
-        backbone: BackboneKind::Resnet18,
-        weights: weights.to_path_buf(),
-        max_batch: b,
-        max_wait: Duration::from_millis(5),
-        ..Config::default()
-    };
-    let server = Server::new(config)?;
-    let engine = server.engine().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(listener, async move {
-        let _ = stopped.await;
-    }));
-    engine.ready().await?;
+    let (addr, engine, stop, serving) = serve(weights, b, device, max_wait).await?;
 
     // Enough items that every batch size fills its batches several times.
     let per_stream = b.max(16);
@@ -295,6 +321,81 @@ async fn end_to_end(
         ok as f64 / secs,
         stats.items as f64 / stats.batches.max(1) as f64,
     ))
+}
+
+/// A server on 127.0.0.1:0 with `max_batch = b` and `max_wait`, ready.
+async fn serve(
+    weights: &Path,
+    b: usize,
+    device: DeviceChoice,
+    max_wait: Duration,
+) -> BenchResult<(
+    std::net::SocketAddr,
+    feature_server::engine::Engine,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), feature_server::Error>>,
+)> {
+    let config = Config {
+        device,
+        backbone: BackboneKind::Resnet18,
+        weights: weights.to_path_buf(),
+        max_batch: b,
+        max_wait,
+        ..Config::default()
+    };
+    let server = Server::new(config)?;
+    let engine = server.engine().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    engine.ready().await?;
+    Ok((addr, engine, stop, serving))
+}
+
+/// images/s of one caller that sends a photo, waits for its embedding, then sends the next,
+/// each in an Embed call of its own: what `client classify photo.jpg` does.
+async fn one_at_a_time(
+    weights: &Path,
+    photos: &[Vec<u8>],
+    device: DeviceChoice,
+    max_wait: Duration,
+) -> BenchResult<f64> {
+    let (addr, _engine, stop, serving) = serve(weights, 32, device, max_wait).await?;
+    let mut client = FeaturesClient::connect(format!("http://{addr}")).await?;
+    embed_one(&mut client, photos, 0).await?; // connection and first-call costs, untimed
+    let n = 24;
+    let t = Instant::now();
+    for i in 1..=n {
+        embed_one(&mut client, photos, i).await?;
+    }
+    let ips = n as f64 / t.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    serving.await??;
+    Ok(ips)
+}
+
+/// Photo `i` in an Embed call of its own, answered.
+async fn embed_one(
+    client: &mut FeaturesClient<tonic::transport::Channel>,
+    photos: &[Vec<u8>],
+    i: usize,
+) -> BenchResult<()> {
+    let request = EmbedRequest {
+        id: i.to_string(),
+        image: photos[i % photos.len()].clone().into(),
+        ..Default::default()
+    };
+    let mut answers = client
+        .embed(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    match answers.message().await?.and_then(|r| r.result) {
+        Some(embed_response::Result::Embedding(_)) => Ok(()),
+        other => Err(format!("photo {i}: {other:?}").into()),
+    }
 }
 
 fn cores() -> usize {

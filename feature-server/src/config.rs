@@ -24,6 +24,9 @@ pub struct Config {
     /// Most items in one forward pass.
     pub max_batch: usize,
     /// How long the first item of a batch waits for company before the batch runs anyway.
+    /// Zero (the default) dispatches at once when the model is idle and batches only what
+    /// queued while it was busy: a lone request never waits for company that is not coming,
+    /// and under load the batches fill by themselves.
     pub max_wait: Duration,
     /// Images admitted but not yet taken by the engine (being decoded or waiting in the queue),
     /// over all streams; an item embedded from four views counts four. When it is full, new
@@ -53,7 +56,7 @@ impl Default for Config {
             weights: PathBuf::from("weights/resnet18.safetensors"),
             device: DeviceChoice::Cpu,
             max_batch: 32,
-            max_wait: Duration::from_millis(5),
+            max_wait: Duration::ZERO,
             queue_capacity: 128,
             max_inflight_per_stream: 64,
             limits: Limits::default(),
@@ -201,8 +204,9 @@ pub struct Args {
     /// Most images (views) in one forward pass.
     #[arg(long, env = "TAXON_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
-    /// Milliseconds the first item of a batch waits for more.
-    #[arg(long, env = "TAXON_MAX_WAIT_MS", default_value_t = 5)]
+    /// Milliseconds the first item of a batch waits for more; 0 runs it at once with whatever
+    /// queued while the model was busy (a lone request never waits).
+    #[arg(long, env = "TAXON_MAX_WAIT_MS", default_value_t = 0)]
     pub max_wait_ms: u64,
     /// Images admitted but not yet batched, over all streams (an item of four views counts
     /// four; at least 4); when full, new streams get RESOURCE_EXHAUSTED and existing streams

@@ -69,3 +69,28 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CI runs the kernel tests once per instruction set the host has, forcing each with
+    /// `TAXON_CONV_ISA`: this fails if a forced set were not the one in use, so a kernel can
+    /// never pass untested in the other's place.
+    #[test]
+    fn a_forced_instruction_set_is_the_one_in_use() {
+        let forced = std::env::var("TAXON_CONV_ISA").ok();
+        println!("kernels in use: {:?} (TAXON_CONV_ISA={forced:?})", isa());
+        match forced.as_deref() {
+            Some("portable") => assert_eq!(isa(), Isa::Portable),
+            #[cfg(target_arch = "x86_64")]
+            Some("avx2") if std::arch::is_x86_feature_detected!("avx2") => {
+                assert_eq!(isa(), Isa::Avx2)
+            }
+            Some(other) if other != "avx2" => {
+                panic!("TAXON_CONV_ISA={other}: only avx2 and portable can be forced")
+            }
+            _ => {}
+        }
+    }
+}
