@@ -3,7 +3,7 @@
 # images/s for each and the ratio at batch 1, 8, 32, for ResNet18 and MobileNetV2; then the
 # end-to-end gRPC figures of `cargo bench -p feature-server --bench throughput`.
 #
-#   scripts/bench-vs-onnx.sh                # both backbones, 3 rounds, then the gRPC bench
+#   scripts/bench-vs-onnx.sh                # both backbones, 5 rounds, then the gRPC bench
 #   ROUNDS=5 SECONDS_PER_BURST=3 scripts/bench-vs-onnx.sh
 #   NO_E2E=1 BACKBONES=resnet18 scripts/bench-vs-onnx.sh
 #
@@ -18,7 +18,8 @@ venv=${VENV:-.venv-onnx}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q onnxruntime onnx numpy
+  # Pinned, so that two machines' figures compare the same ONNX Runtime.
+  "$venv/bin/pip" install -q onnxruntime==1.32.0 onnx==1.23.2 numpy
 fi
 
 cargo build -q --release -p feature-server --example vs_onnx
@@ -30,6 +31,11 @@ trap 'rm -rf "$work"' EXIT
 "$bin" write-formula "$work/resnet18.safetensors"
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+flags=$(grep -m1 '^flags' /proc/cpuinfo)
+for f in avx512f avx2 fma; do
+  if grep -qw "$f" <<<"$flags"; then printf '%s: yes  ' "$f"; else printf '%s: no  ' "$f"; fi
+done
+echo
 for backbone in ${BACKBONES:-resnet18 mobilenet_v2}; do
   case $backbone in
     resnet18) weights=$work/resnet18.safetensors ;;
@@ -42,7 +48,7 @@ for backbone in ${BACKBONES:-resnet18 mobilenet_v2}; do
     *) echo "unknown backbone $backbone"; exit 2 ;;
   esac
   "$venv/bin/python" scripts/bench_vs_onnx.py --backbone "$backbone" --weights "$weights" \
-    --rust "$bin" --work "$work" --rounds "${ROUNDS:-3}" --seconds "${SECONDS_PER_BURST:-2}"
+    --rust "$bin" --work "$work" --rounds "${ROUNDS:-5}" --seconds "${SECONDS_PER_BURST:-2}"
 done
 
 if [ -z "${NO_E2E:-}" ]; then

@@ -75,7 +75,13 @@ fn serve(args: &[String]) -> Result<()> {
         )?)
     };
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")?;
+    // What this engine really runs with, for the benchmark's header.
+    writeln!(
+        out,
+        "ready isa={:?} threads={}",
+        feature_server::models::conv::isa::isa(),
+        rayon::current_num_threads()
+    )?;
     out.flush()?;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
