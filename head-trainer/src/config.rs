@@ -50,7 +50,8 @@ pub struct Config {
     /// Image bytes held at once across every Enroll and Classify call (see `inflight`).
     pub max_inflight_bytes: usize,
     /// Largest tenant file Export writes and Import reads. A transfer holds its share of
-    /// `max_inflight_bytes` (twice its size: the file and what it decodes to) while it runs.
+    /// `max_inflight_bytes` (twice its size: the file and what it decodes to) while it runs,
+    /// so the limit in force is at most half of that budget ([`Config::transfer_limit`]).
     pub max_transfer_bytes: usize,
     /// Training jobs running at once, across tenants (each uses a core while it runs).
     pub max_training_jobs: usize,
@@ -117,6 +118,12 @@ impl Config {
         }
     }
 
+    /// The largest tenant file in force: `max_transfer_bytes`, or half the in-flight budget
+    /// when that is smaller (a transfer holds twice its size of it).
+    pub fn transfer_limit(&self) -> usize {
+        self.max_transfer_bytes.min(self.max_inflight_bytes / 2)
+    }
+
     /// Refuses values that would fail later, at the first request, instead of at start.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |why: String| Err(crate::Error::InvalidArgument(why));
@@ -142,13 +149,6 @@ impl Config {
             return bad(format!(
                 "--max-inflight-bytes {} is smaller than one photo (--max-photo-bytes {})",
                 self.max_inflight_bytes, self.max_photo_bytes
-            ));
-        }
-        if self.max_inflight_bytes / 2 < self.max_transfer_bytes {
-            return bad(format!(
-                "--max-inflight-bytes {} must hold twice --max-transfer-bytes {} (a tenant \
-                 file and its decoded copy)",
-                self.max_inflight_bytes, self.max_transfer_bytes
             ));
         }
         if self.http_max_body_bytes < self.max_photo_bytes {
@@ -343,7 +343,7 @@ pub struct Args {
     #[arg(long, env = "TAXON_MAX_INFLIGHT_BYTES", default_value_t = 256 << 20)]
     pub max_inflight_bytes: usize,
     /// Largest tenant file (`client export`/`import`), in bytes: 64 MiB holds about 31,000
-    /// ResNet18 or 12,500 MobileNetV2 examples. Must be at most half --max-inflight-bytes.
+    /// ResNet18 or 12,500 MobileNetV2 examples; at most half --max-inflight-bytes applies.
     #[arg(long, env = "TAXON_MAX_TRANSFER_BYTES", default_value_t = 64 << 20)]
     pub max_transfer_bytes: usize,
     /// Per-tenant Prometheus series for the first N tenants seen (requests admitted and

@@ -35,7 +35,8 @@ pub enum Error {
     BodyTooLarge { limit: usize, what: &'static str },
     /// A tenant file (Export's or Import's) over `--max-transfer-bytes`.
     #[error(
-        "tenant file of {bytes} bytes or more, over the limit of {limit} bytes (--max-transfer-bytes)"
+        "tenant file of {bytes} bytes or more, over the limit of {limit} bytes \
+         (--max-transfer-bytes, and at most half --max-inflight-bytes)"
     )]
     FileTooLarge { bytes: u64, limit: usize },
     /// Every photo of an Enroll was rejected, so nothing was written.

@@ -29,7 +29,7 @@ impl Core {
         self.admit(caller)?;
         let model = self.model()?;
         let deadline = self.deadline_within(caller.deadline);
-        let limit = self.config.max_transfer_bytes;
+        let limit = self.config.transfer_limit();
         // The size is known from the example counts before any embedding is read, so that a
         // tenant too large to export costs one small read, not its whole file in memory.
         let name = caller.tenant.clone();
@@ -92,7 +92,7 @@ impl Core {
         let model = self.model()?;
         let deadline = self.deadline_within(caller.deadline);
         let _place = self.uploads.enter(deadline).await?;
-        let limit = self.config.max_transfer_bytes;
+        let limit = self.config.transfer_limit();
         // Fail fast, before the file is read: the store checks again in its transaction.
         let name = caller.tenant.clone();
         let existing = self
