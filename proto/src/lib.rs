@@ -36,6 +36,20 @@ pub fn embedding_identity(model: &str, views: v1::ViewSet) -> String {
     }
 }
 
+/// Bytes per `FileChunk` of a tenant file (Export, Import): well under any message limit.
+pub const FILE_CHUNK_BYTES: usize = 1 << 20;
+
+/// A tenant file as the chunks Export streams and Import takes, in order: slices of the one
+/// buffer, not copies. Both sides cut it here, so they agree on the size.
+pub fn file_chunks(file: prost::bytes::Bytes) -> Vec<v1::FileChunk> {
+    (0..file.len())
+        .step_by(FILE_CHUNK_BYTES)
+        .map(|at| v1::FileChunk {
+            data: file.slice(at..file.len().min(at + FILE_CHUNK_BYTES)),
+        })
+        .collect()
+}
+
 /// Head kinds as they appear on the wire (`ClassifyRequest.head`, `TrainRequest.head`).
 pub mod head_kind {
     pub const PROTOTYPE: &str = "prototype";

@@ -5,14 +5,11 @@
 use std::path::PathBuf;
 
 use serde_json::json;
-use taxon_proto::v1::{ExportRequest, FileChunk};
+use taxon_proto::v1::ExportRequest;
 
 use crate::error::{Error, Result};
 use crate::output;
 use crate::{Ctx, Outcome};
-
-/// Bytes per chunk sent to Import: well under any message limit.
-const CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -69,13 +66,7 @@ pub async fn import(ctx: &mut Ctx<'_>, args: ImportArgs) -> Result<Outcome> {
         path: args.file.clone(),
         source,
     })?;
-    let file = bytes::Bytes::from(file);
-    let chunks: Vec<FileChunk> = (0..file.len())
-        .step_by(CHUNK_BYTES)
-        .map(|at| FileChunk {
-            data: file.slice(at..file.len().min(at + CHUNK_BYTES)),
-        })
-        .collect();
+    let chunks = taxon_proto::file_chunks(file.into());
     let conn = ctx.connect().await?;
     let r = conn
         .classifier()

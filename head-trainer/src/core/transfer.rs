@@ -99,15 +99,7 @@ impl Core {
             .blocking("import", move |store| store.snapshot(&name, None))
             .await?
             .taxonomy;
-        if !existing.classes.is_empty() {
-            let w = ImportWrite {
-                model: &model.id,
-                classes: Vec::new(),
-                heads: Vec::new(),
-                quotas: crate::quota::Quotas::unlimited(),
-            };
-            crate::store::check_import(&caller.tenant, &existing, &w)?;
-        }
+        crate::store::check_empty(&caller.tenant, &existing)?;
         let mut bytes = Vec::new();
         // Reserved in steps, so that a file sent in tiny chunks holds a few reservations.
         let (mut held, mut reserved): (Vec<Reservation>, usize) = (Vec::new(), 0);

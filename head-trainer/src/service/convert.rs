@@ -155,17 +155,3 @@ impl From<Imported> for pb::ImportResponse {
         }
     }
 }
-
-/// A tenant file as the chunks Export streams: slices of one buffer, no copies.
-pub fn file_chunks(file: Vec<u8>) -> Vec<pb::FileChunk> {
-    let file = bytes::Bytes::from(file);
-    (0..file.len())
-        .step_by(FILE_CHUNK_BYTES)
-        .map(|at| pb::FileChunk {
-            data: file.slice(at..file.len().min(at + FILE_CHUNK_BYTES)),
-        })
-        .collect()
-}
-
-/// Bytes per FileChunk: well under any message limit.
-const FILE_CHUNK_BYTES: usize = 1 << 20;

@@ -237,7 +237,10 @@ impl Classifier for ClassifierService {
     ) -> Result<Response<Self::ExportStream>, Status> {
         let caller = caller(&req)?;
         let file = self.cut_off(self.core.export(&caller)).await?;
-        let chunks: Vec<_> = convert::file_chunks(file).into_iter().map(Ok).collect();
+        let chunks: Vec<_> = taxon_proto::file_chunks(file.into())
+            .into_iter()
+            .map(Ok)
+            .collect();
         Ok(Response::new(futures::stream::iter(chunks)))
     }
 

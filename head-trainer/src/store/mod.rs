@@ -20,7 +20,7 @@ pub use self::postgres::{
     HEADS_CHANNEL, PoolOptions, PostgresStore, describe as describe_postgres,
 };
 pub use self::redb::RedbStore;
-pub(crate) use self::rules::check_import;
+pub(crate) use self::rules::check_empty;
 
 use crate::Result;
 use crate::taxonomy::Taxonomy;

@@ -137,13 +137,7 @@ fn check_totals(tenant: &str, q: &Quotas, examples: u64, dim: u64) -> Result<()>
 /// taxonomies is a decision for a person, not for the file), or one that brings more classes,
 /// examples or embedding bytes than the tenant's quotas allow.
 pub(crate) fn check_import(tenant: &str, t: &Taxonomy, w: &ImportWrite<'_>) -> Result<()> {
-    if !t.classes.is_empty() {
-        return Err(Error::Precondition(format!(
-            "tenant `{tenant}` has {} classes: import only into an empty tenant (remove them, \
-             or import into another tenant)",
-            t.classes.len()
-        )));
-    }
+    check_empty(tenant, t)?;
     let q = &w.quotas;
     let classes = w.classes.len() as u64;
     if q.classes > 0 && classes > q.classes {
@@ -162,4 +156,16 @@ pub(crate) fn check_import(tenant: &str, t: &Taxonomy, w: &ImportWrite<'_>) -> R
         .find_map(|c| c.examples.first())
         .map_or(0, |(_, v)| v.len() as u64);
     check_totals(tenant, q, examples, dim)
+}
+
+/// Refuses an import into a tenant that has classes.
+pub(crate) fn check_empty(tenant: &str, t: &Taxonomy) -> Result<()> {
+    if t.classes.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Precondition(format!(
+        "tenant `{tenant}` has {} classes: import only into an empty tenant (remove them, or \
+         import into another tenant)",
+        t.classes.len()
+    )))
 }
