@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use feature_server::config::DeviceChoice;
-use feature_server::models::{Backbone, BackboneKind};
+use feature_server::models::{Backbone, BackboneKind, Precision};
 use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess};
 use feature_server::{Config, Server};
 use taxon_proto::v1::features_client::FeaturesClient;
@@ -78,7 +78,8 @@ fn main() -> BenchResult<()> {
     for _round in 0..ROUNDS {
         pre_ms = pre_ms.min(preprocess_ms(&photos)?);
         reset_peak_rss();
-        let (backbone, _) = Backbone::load(BackboneKind::Resnet18, &resnet, &device)?;
+        let (backbone, _) =
+            Backbone::load(BackboneKind::Resnet18, &resnet, &device, Precision::F32)?;
         for (i, &b) in BATCHES.iter().enumerate() {
             forward[i] = forward[i].min(forward_ms(&backbone, b, &pixels, &device)?);
         }
@@ -155,7 +156,12 @@ fn main() -> BenchResult<()> {
     if std::env::var_os("TAXON_BENCH_SKIP_MOBILENET").is_none() {
         let mobilenet = dir.path().join("mobilenet_v2.safetensors");
         feature_server::weights::formula::write_safetensors(BackboneKind::MobileNetV2, &mobilenet)?;
-        let (backbone, _) = Backbone::load(BackboneKind::MobileNetV2, &mobilenet, &device)?;
+        let (backbone, _) = Backbone::load(
+            BackboneKind::MobileNetV2,
+            &mobilenet,
+            &device,
+            Precision::F32,
+        )?;
         println!();
         println!("| MobileNetV2 batch | forward ms/img | forward img/s |");
         println!("|---|---|---|");

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use feature_server::models::{Backbone, BackboneKind};
+use feature_server::models::{Backbone, BackboneKind, Precision};
 use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess_at};
 use feature_server::weights::fetch;
 
@@ -203,7 +203,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("built {}", args.weights.display());
     }
     let device = Device::Cpu;
-    let (model, sha) = Backbone::load(args.backbone, &args.weights, &device)?;
+    let (model, sha) = Backbone::load(args.backbone, &args.weights, &device, Precision::F32)?;
     println!(
         "{} images; backbone {} weights sha256 {sha}",
         items.len(),

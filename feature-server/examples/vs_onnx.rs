@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use feature_server::models::{Backbone, BackboneKind};
+use feature_server::models::{Backbone, BackboneKind, Precision};
 use feature_server::preprocess::INPUT_SIZE;
 
 const MAX_BATCH: usize = 32;
@@ -62,7 +62,7 @@ fn serve(args: &[String]) -> Result<()> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     let device = Device::Cpu;
-    let (backbone, _) = Backbone::load(kind, &weights, &device)?;
+    let (backbone, _) = Backbone::load(kind, &weights, &device, Precision::F32)?;
     let batch = |b: usize| -> Result<Tensor> {
         if b == 0 || b > MAX_BATCH {
             bail!("batch must be 1..={MAX_BATCH}");

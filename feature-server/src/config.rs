@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::models::BackboneKind;
+use crate::models::{BackboneKind, Precision};
 use crate::preprocess::Limits;
 
 /// Everything the server needs besides its listener.
@@ -21,6 +21,8 @@ pub struct Config {
     /// A .safetensors, .pth or legacy .pt file with torchvision parameter names.
     pub weights: PathBuf,
     pub device: DeviceChoice,
+    /// What the backbone computes in; embeddings are f32 on the wire whatever it is.
+    pub precision: Precision,
     /// Most items in one forward pass.
     pub max_batch: usize,
     /// How long the first item of a batch waits for company before the batch runs anyway.
@@ -55,6 +57,7 @@ impl Default for Config {
             backbone: BackboneKind::Resnet18,
             weights: PathBuf::from("weights/resnet18.safetensors"),
             device: DeviceChoice::Cpu,
+            precision: Precision::F32,
             max_batch: 32,
             max_wait: Duration::ZERO,
             queue_capacity: 128,
@@ -122,6 +125,13 @@ impl Config {
         if self.limits.max_pixels == 0 {
             return Err(Error::Config(
                 "--max-image-pixels must be at least 1".into(),
+            ));
+        }
+        if self.precision == Precision::Bf16 && self.device == DeviceChoice::Cpu {
+            return Err(Error::Config(
+                "--dtype bf16 needs --device cuda: candle has no bf16 matrix product on a CPU \
+                 (f16 runs there, slowly; f32 is the CPU's fast path)"
+                    .into(),
             ));
         }
         #[cfg(not(feature = "cuda"))]
@@ -201,6 +211,11 @@ pub struct Args {
     /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
     #[arg(long, env = "TAXON_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
+    /// What the backbone computes in: f32, or f16/bf16 for a GPU's tensor cores (on a CPU they
+    /// run candle's slower generic ops). Embeddings stay f32 on the wire; the model identity
+    /// names the precision, so the head-trainer never mixes embeddings of two precisions.
+    #[arg(long, env = "TAXON_DTYPE", default_value = "f32")]
+    pub dtype: Precision,
     /// Most images (views) in one forward pass.
     #[arg(long, env = "TAXON_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
@@ -257,6 +272,7 @@ impl Args {
             backbone,
             weights,
             device: self.device,
+            precision: self.dtype,
             max_batch: self.max_batch,
             max_wait: Duration::from_millis(self.max_wait_ms),
             queue_capacity: self.queue_capacity,
@@ -338,6 +354,27 @@ mod tests {
         let cli = <Cli as clap::Parser>::try_parse_from(["feature-server", "--weights", "w"])
             .expect("parses");
         assert!(cli.args.listen.ip().is_loopback(), "{}", cli.args.listen);
+    }
+
+    #[test]
+    fn dtype_is_a_flag_and_bf16_needs_a_gpu() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let parse = |dtype: &str| {
+            <Cli as clap::Parser>::try_parse_from(["fs", "--weights", "w", "--dtype", dtype])
+                .map(|cli| cli.args.into_config())
+        };
+        let f16 = parse("f16").expect("parses").expect("valid").1;
+        assert_eq!(f16.precision, Precision::F16);
+        assert!(parse("f8").is_err());
+        let message = parse("bf16").expect("parses").unwrap_err().to_string();
+        assert!(
+            message.contains("--dtype bf16 needs --device cuda"),
+            "{message}"
+        );
     }
 
     #[test]

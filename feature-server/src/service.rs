@@ -127,6 +127,7 @@ impl Features for FeaturesService {
             max_image_pixels: self.config.limits.max_pixels,
             images_embedded: stats.images,
             batches: stats.batches,
+            dtype: meta.precision.to_string(),
         }))
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use feature_server::models::{Backbone, BackboneKind};
+use feature_server::models::{Backbone, BackboneKind, Precision};
 use feature_server::preprocess::{INPUT_SIZE, Limits, preprocess};
 use feature_server::weights::{self, formula};
 
@@ -44,8 +44,12 @@ fn forward(model: &Backbone, x: &Tensor) -> candle_core::Result<Tensor> {
         .to_device(&Device::Cpu)
 }
 
+/// `TAXON_TEST_FIXTURES`, else this crate's `tests/fixtures`: a test binary carried to another
+/// machine (the GPU check) finds them where that machine's checkout has them.
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    std::env::var_os("TAXON_TEST_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
@@ -95,13 +99,13 @@ fn check_relative(label: &str, got: &Tensor, want: &Tensor, tol: f64) {
         .collect();
     let (worst, at) = worst(&errs);
     println!(
-        "{label}: worst |emb-ref|/|ref| = {worst:.3e} ({}) [tol {tol:.0e}]",
+        "{label}: worst |emb-ref|/|ref| = {worst:.3e} ({}) [tol {tol:.1e}]",
         IMAGES[at]
     );
     for (i, e) in errs.iter().enumerate() {
         assert!(
             *e <= tol,
-            "{label}: {} relative error {e:.3e} > {tol:.0e}",
+            "{label}: {} relative error {e:.3e} > {tol:.1e}",
             IMAGES[i]
         );
     }
@@ -261,16 +265,36 @@ fn resnet18_end_to_end_matches_reference() -> TestResult {
     Ok(())
 }
 
+/// The real MobileNetV2 weights: `TAXON_MOBILENET_WEIGHTS`, else the workspace's
+/// `weights/mobilenet_v2.safetensors` (what `.ci/run` fetches before the tests). Missing weights
+/// fail the test in CI (`CI=true`); elsewhere the test says so and checks nothing.
+fn mobilenet_weights() -> Option<PathBuf> {
+    let path = std::env::var_os("TAXON_MOBILENET_WEIGHTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../weights/mobilenet_v2.safetensors")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} not found (feature-server fetch-weights mobilenet_v2 --out weights, or set \
+         TAXON_MOBILENET_WEIGHTS)",
+        path.display()
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the MobileNetV2 parity checks need the real weights in CI: {why}");
+    }
+    println!("SKIPPED (not CI): {why}");
+    None
+}
+
 #[test]
 fn mobilenet_v2_real_weights_match_reference() -> TestResult {
-    let Some(path) = std::env::var_os("TAXON_MOBILENET_WEIGHTS").map(PathBuf::from) else {
-        println!(
-            "SKIP mobilenet_v2 real-weights parity: set TAXON_MOBILENET_WEIGHTS to a file built \
-             by weights::fetch::build_mobilenet_v2 (e.g. weights/mobilenet_v2.safetensors)"
-        );
+    let Some(path) = mobilenet_weights() else {
         return Ok(());
     };
-    let (model, sha) = Backbone::load(BackboneKind::MobileNetV2, &path, &device())?;
+    let (model, sha) = Backbone::load(BackboneKind::MobileNetV2, &path, &device(), Precision::F32)?;
     println!("mobilenet_v2 weights {} sha256 {sha}", path.display());
     let want = &expected("mobilenet_v2_expected.safetensors")["embeddings"];
     // The mobilenet reference has only embeddings; the inputs are the same images with the
@@ -306,6 +330,62 @@ fn mobilenet_v2_real_weights_match_reference() -> TestResult {
         assert!(-c >= 0.999, "{}: cosine {} < 0.999", IMAGES[i], -c);
     }
     Ok(())
+}
+
+/// f16 and bf16 against the same PyTorch references (made in f32): what each precision costs,
+/// per image, held to a tolerance measured on it. Runs on [`device`], so with
+/// `TAXON_TEST_DEVICE=cuda` it measures the GPU's half-precision kernels.
+#[test]
+fn half_precision_matches_reference_within_its_tolerance() -> TestResult {
+    let exp = expected("resnet18_expected.safetensors");
+    let mobilenet = mobilenet_weights();
+    let mobilenet_want = &expected("mobilenet_v2_expected.safetensors")["embeddings"];
+    // candle has no bf16 matrix product on a CPU; the server refuses `--dtype bf16` there.
+    let precisions: &[Precision] = if device().is_cpu() {
+        &[Precision::F16]
+    } else {
+        &[Precision::F16, Precision::Bf16]
+    };
+    for &precision in precisions {
+        let vb = VarBuilder::from_tensors(
+            formula::tensors(BackboneKind::Resnet18),
+            precision.dtype(),
+            &device(),
+        );
+        let model = Backbone::new(BackboneKind::Resnet18, vb)?;
+        let emb = forward(&model, &exp["preprocessed"])?;
+        check_relative(
+            &format!("resnet18 network ({precision})"),
+            &emb,
+            &exp["embeddings"],
+            half_tolerance(BackboneKind::Resnet18, precision),
+        );
+        if let Some(path) = &mobilenet {
+            let (model, _) = Backbone::load(BackboneKind::MobileNetV2, path, &device(), precision)?;
+            check_relative(
+                &format!("mobilenet_v2 network ({precision})"),
+                &forward(&model, &exp["preprocessed"])?,
+                mobilenet_want,
+                half_tolerance(BackboneKind::MobileNetV2, precision),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Relative embedding error allowed at half precision (f32 is held to 1e-4). f16, measured on
+/// a CPU (candle's ops; the worst of the eight images): ResNet18 1.1e-3, MobileNetV2 2.1e-2
+/// (its activations are rounded to 11 bits after each of 52 layers, and the linear bottlenecks
+/// carry the error on). Twice that is allowed. bf16 keeps 3 fewer mantissa bits, so about 8x
+/// f16's error is expected; it runs on GPUs only and is not yet measured on one (issue #16).
+fn half_tolerance(kind: BackboneKind, precision: Precision) -> f64 {
+    match (kind, precision) {
+        (_, Precision::F32) => 1e-4,
+        (BackboneKind::Resnet18, Precision::F16) => 2.5e-3,
+        (BackboneKind::MobileNetV2, Precision::F16) => 4.5e-2,
+        (BackboneKind::Resnet18, Precision::Bf16) => 2e-2,
+        (BackboneKind::MobileNetV2, Precision::Bf16) => 0.35,
+    }
 }
 
 /// A legacy (pre-1.6) `torch.save` file, written by hand in the old deep-sort key layout, is
@@ -407,7 +487,7 @@ fn formula_safetensors_load_for_both_backbones() -> TestResult {
     for kind in BackboneKind::ALL {
         let path = dir.path().join(format!("{kind}.safetensors"));
         formula::write_safetensors(kind, &path)?;
-        let (model, sha) = Backbone::load(kind, &path, &Device::Cpu)?;
+        let (model, sha) = Backbone::load(kind, &path, &Device::Cpu, Precision::F32)?;
         assert_eq!(sha, weights::sha256_file(&path)?);
         assert_eq!((model.kind(), model.dim()), (kind, kind.dim()));
         assert_eq!(kind.to_string().parse::<BackboneKind>()?, kind);

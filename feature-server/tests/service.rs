@@ -13,7 +13,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use common::*;
 use feature_server::Config;
-use feature_server::models::{Backbone, BackboneKind};
+use feature_server::models::{Backbone, BackboneKind, Precision};
 use feature_server::preprocess::{
     INPUT_SIZE, Limits, SCALES_AND_MIRRORS, preprocess, preprocess_views,
 };
@@ -111,7 +111,7 @@ async fn info_and_embeddings_match_the_in_process_backbone() {
     assert_eq!(info.weights_sha256.len(), 64);
     assert_eq!(
         info.model,
-        taxon_proto::model_identity("mobilenet_v2", &info.weights_sha256)
+        taxon_proto::model_identity("mobilenet_v2", &info.weights_sha256, "f32")
     );
     assert_eq!(info.max_image_bytes, Limits::default().max_bytes as u64);
 
@@ -130,8 +130,13 @@ async fn info_and_embeddings_match_the_in_process_backbone() {
     assert!(answers.models.iter().all(|m| *m == info.model));
 
     let (dir, weights) = formula_weights(BackboneKind::MobileNetV2);
-    let (backbone, sha) =
-        Backbone::load(BackboneKind::MobileNetV2, &weights, &Device::Cpu).expect("load");
+    let (backbone, sha) = Backbone::load(
+        BackboneKind::MobileNetV2,
+        &weights,
+        &Device::Cpu,
+        Precision::F32,
+    )
+    .expect("load");
     assert_eq!(sha, info.weights_sha256);
     for (i, bytes) in images.iter().enumerate() {
         let pixels = preprocess(bytes, &Limits::default()).expect("preprocess");
@@ -147,6 +152,57 @@ async fn info_and_embeddings_match_the_in_process_backbone() {
         let diff = relative_diff(got, &expected[0]);
         assert!(diff < 1e-4, "img{i}: relative difference {diff}");
     }
+    drop(dir);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// `--dtype f16`: Info and every embedding's identity name the precision (so a cache never
+/// mixes it with f32 embeddings), and the embeddings, still f32 on the wire, stay within f16's
+/// tolerance of the f32 backbone's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_precision_server_names_its_dtype_in_every_identity() {
+    let config = Config {
+        precision: Precision::F16,
+        ..small_config()
+    };
+    let server = TestServer::real(BackboneKind::MobileNetV2, config).await;
+    let mut client = server.client().await;
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.dtype, "f16");
+    assert_eq!(
+        info.model,
+        taxon_proto::model_identity("mobilenet_v2", &info.weights_sha256, "f16")
+    );
+    assert!(info.model.ends_with("+f16"), "{}", info.model);
+    let photo = std::fs::read(fixture("a_photo.jpg")).expect("fixture");
+    let answers = embed_all(&mut client, vec![request("a", photo.clone())]).await;
+    assert!(answers.end.is_none(), "{:?}", answers.end);
+    assert_eq!(answers.models, vec![info.model.clone()]);
+    let got = answers.items["a"].as_ref().expect("embedded");
+
+    let (dir, weights) = formula_weights(BackboneKind::MobileNetV2);
+    let (f32_backbone, _) = Backbone::load(
+        BackboneKind::MobileNetV2,
+        &weights,
+        &Device::Cpu,
+        Precision::F32,
+    )
+    .expect("load");
+    let pixels = preprocess(&photo, &Limits::default()).expect("preprocess");
+    let x = Tensor::from_vec(pixels, (1, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu).expect("x");
+    let want = f32_backbone
+        .forward(&x)
+        .and_then(|y| y.to_vec2::<f32>())
+        .expect("forward");
+    let diff = relative_diff(got, &want[0]);
+    assert!(
+        diff > 0.0 && diff < 5e-3,
+        "f16 vs f32: relative difference {diff}"
+    );
     drop(dir);
     server.shutdown().await.expect("clean shutdown");
 }
@@ -188,8 +244,13 @@ async fn a_view_set_embeds_the_mean_of_its_views_and_says_so_in_the_identity() {
     );
 
     let (dir, weights) = formula_weights(BackboneKind::MobileNetV2);
-    let (backbone, _) =
-        Backbone::load(BackboneKind::MobileNetV2, &weights, &Device::Cpu).expect("load");
+    let (backbone, _) = Backbone::load(
+        BackboneKind::MobileNetV2,
+        &weights,
+        &Device::Cpu,
+        Precision::F32,
+    )
+    .expect("load");
     let views = preprocess_views(&photo, &Limits::default(), &SCALES_AND_MIRRORS).expect("views");
     let x = Tensor::from_vec(views.concat(), (4, 3, INPUT_SIZE, INPUT_SIZE), &Device::Cpu)
         .expect("tensor");

@@ -21,10 +21,15 @@ pub const TENANT_HEADER: &str = "x-tenant";
 /// The tenant a request without `x-tenant` belongs to.
 pub const DEFAULT_TENANT: &str = "default";
 
-/// The model identity carried by every embedding: `<backbone>@sha256:<hex>`. Embeddings with
-/// different identities live in different spaces and must never be mixed.
-pub fn model_identity(backbone: &str, weights_sha256: &str) -> String {
-    format!("{backbone}@sha256:{weights_sha256}")
+/// The model identity carried by every embedding: `<backbone>@sha256:<hex>`, with `+f16` or
+/// `+bf16` after it when the backbone computes at half precision (f32, the default, keeps the
+/// bare form, so caches built before precisions existed stay valid). Embeddings with different
+/// identities live in different spaces and must never be mixed.
+pub fn model_identity(backbone: &str, weights_sha256: &str, dtype: &str) -> String {
+    match dtype {
+        "f32" => format!("{backbone}@sha256:{weights_sha256}"),
+        other => format!("{backbone}@sha256:{weights_sha256}+{other}"),
+    }
 }
 
 /// The identity of embeddings made from `model` (a [`model_identity`]) with a view set: views

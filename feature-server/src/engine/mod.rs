@@ -37,7 +37,7 @@ pub use self::stats::{Gate, Stats, StatsSnapshot};
 use crate::config::{Config, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::models::{Backbone, BackboneKind};
+use crate::models::{Backbone, BackboneKind, Precision};
 use crate::preprocess::{self, Limits, View};
 
 /// What a loaded engine runs, for `Info` and for the identity on every embedding.
@@ -48,7 +48,9 @@ pub struct ModelMeta {
     pub weights_sha256: String,
     /// `cpu` or `cuda:N`.
     pub device: String,
-    /// `<backbone>@sha256:<hex>`, see [`taxon_proto::model_identity`].
+    /// What the backbone computes in.
+    pub precision: Precision,
+    /// `<backbone>@sha256:<hex>[+<dtype>]`, see [`taxon_proto::model_identity`].
     pub model: String,
 }
 
@@ -95,10 +97,11 @@ impl Engine {
     /// watch [`Engine::ready`] for the outcome. Returns at once.
     pub fn spawn(config: &Config) -> Result<Engine> {
         let (kind, weights) = (config.backbone, config.weights.clone());
+        let precision = config.precision;
         Self::spawn_with(
             config,
             Box::new(move |device| {
-                let (model, sha) = Backbone::load(kind, &weights, device)?;
+                let (model, sha) = Backbone::load(kind, &weights, device, precision)?;
                 Ok((Box::new(model) as Box<dyn Model>, sha))
             }),
         )
@@ -113,7 +116,7 @@ impl Engine {
         let stats = Arc::new(Stats::default());
         let metrics = Arc::new(Metrics::default());
         let gate = Arc::new(Gate::default());
-        let (kind, choice) = (config.backbone, config.device);
+        let (kind, choice, precision) = (config.backbone, config.device, config.precision);
         let (max_batch, max_wait) = (config.max_batch, config.max_wait);
         let (thread_stats, thread_gate) = (stats.clone(), gate.clone());
         let thread_metrics = metrics.clone();
@@ -142,14 +145,20 @@ impl Engine {
                         let meta = ModelMeta {
                             backbone: kind,
                             dim: batcher.model.dim(),
-                            model: taxon_proto::model_identity(kind.as_str(), &sha),
+                            model: taxon_proto::model_identity(
+                                kind.as_str(),
+                                &sha,
+                                precision.as_str(),
+                            ),
                             weights_sha256: sha,
                             device: choice.to_string(),
+                            precision,
                         };
                         tracing::info!(
                             model = %meta.model,
                             dim = meta.dim,
                             device = %meta.device,
+                            dtype = %meta.precision,
                             secs = started.elapsed().as_secs_f64(),
                             "model loaded and warmed up"
                         );

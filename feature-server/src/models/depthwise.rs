@@ -6,7 +6,7 @@
 //! (every tap is a full pass over memory). Here one pass per output plane does the taps, the
 //! bias and the clamp, planes in parallel. Other devices fall back to the tensor-op version.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::ops::Act;
@@ -20,7 +20,7 @@ pub fn depthwise_bias_act(
     pad: usize,
     act: Act,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
         let op = Depthwise { stride, pad, act };
         return x
             .contiguous()?

@@ -83,9 +83,12 @@ pub struct ConvBn {
 impl ConvBn {
     /// `conv` holds `weight` (torchvision has no conv bias here); `bn` holds `weight`, `bias`,
     /// `running_mean`, `running_var`.
+    ///
+    /// The folded weights are computed from the file's f32 values and rounded once, to
+    /// `conv.dtype()`: reading them at half precision first would round them twice.
     pub fn new(spec: ConvSpec, conv: VarBuilder, bn: VarBuilder, fold: bool) -> Result<Self> {
-        let weight = conv.get(spec.weight_shape(), "weight")?;
         if !fold {
+            let weight = conv.get(spec.weight_shape(), "weight")?;
             let bn = candle_nn::batch_norm(spec.c_out, BN_EPS, bn)?;
             return Ok(Self {
                 spec,
@@ -94,17 +97,20 @@ impl ConvBn {
                 bn: Some(bn),
             });
         }
+        let dtype = conv.dtype();
+        let exact = |vb: &VarBuilder, shape: candle_core::Shape, name: &str| {
+            vb.get_with_hints_dtype(shape, name, Default::default(), DType::F64)
+        };
         let c = spec.c_out;
-        let gamma = bn.get(c, "weight")?.to_dtype(DType::F64)?;
-        let beta = bn.get(c, "bias")?.to_dtype(DType::F64)?;
-        let mean = bn.get(c, "running_mean")?.to_dtype(DType::F64)?;
-        let var = bn.get(c, "running_var")?.to_dtype(DType::F64)?;
+        let gamma = exact(&bn, c.into(), "weight")?;
+        let beta = exact(&bn, c.into(), "bias")?;
+        let mean = exact(&bn, c.into(), "running_mean")?;
+        let var = exact(&bn, c.into(), "running_var")?;
         let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
-        let bias = (beta - (mean * &scale)?)?.to_dtype(DType::F32)?;
-        let weight = weight
-            .to_dtype(DType::F64)?
+        let bias = (beta - (mean * &scale)?)?.to_dtype(dtype)?;
+        let weight = exact(&conv, spec.weight_shape().into(), "weight")?
             .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?
-            .to_dtype(DType::F32)?;
+            .to_dtype(dtype)?;
         Ok(Self {
             spec,
             weight,
@@ -115,6 +121,11 @@ impl ConvBn {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, Act::None)
+    }
+
+    /// What the convolution computes in.
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
     }
 
     /// The shape, folded weight `[c_out, c_in / groups, k, k]` and bias, when batch-norm was
@@ -134,7 +145,7 @@ impl ConvBn {
                 return depthwise_bias_act(x, &self.weight, b, s.stride, s.padding, act);
             }
             (None, true) => {
-                let zeros = Tensor::zeros(c, DType::F32, x.device())?;
+                let zeros = Tensor::zeros(c, x.dtype(), x.device())?;
                 depthwise_bias_act(x, &self.weight, &zeros, s.stride, s.padding, Act::None)?
             }
             (Some(b), false) => {

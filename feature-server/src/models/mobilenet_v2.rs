@@ -4,7 +4,7 @@
 //! activations; depthwise convolutions have groups = channels. The classifier is not built:
 //! the embedding is the global average pool of `features(x)`, 1280-d.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::conv::{self, Net, NetBuilder, Slot};
@@ -157,7 +157,8 @@ impl MobileNetV2 {
 
     /// The network as NHWC engine steps, for folded weights on a CPU device.
     fn cpu_net(&self, device: &Device) -> Result<Option<Net>> {
-        if !device.is_cpu() || self.stem.folded().is_none() {
+        // The engine computes in f32; other precisions run candle's ops.
+        if !device.is_cpu() || self.stem.folded().is_none() || self.dtype() != DType::F32 {
             return Ok(None);
         }
         let mut b = NetBuilder::new();
@@ -184,6 +185,10 @@ impl MobileNetV2 {
             return conv::forward(net, x);
         }
         self.forward_candle(x)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.stem.dtype()
     }
 
     /// The same network through candle's ops (other devices, unfolded batch-norm).

@@ -5,7 +5,7 @@
 //! `maximum` then a `minimum`), each allocating a new tensor. In early MobileNetV2 layers they
 //! cost about as much as the 1x1 convolution itself. One in-place pass does all of it.
 
-use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 /// The activation after a convolution.
@@ -39,11 +39,12 @@ impl Act {
 /// `act(y + b)` with `y: [N, C, H, W]` and `b: [C]`; in place when `y` is a contiguous CPU
 /// tensor that nothing else holds (a convolution's fresh output).
 pub fn bias_act(y: Tensor, b: &Tensor, act: Act) -> Result<Tensor> {
-    if y.device().is_cpu() && y.is_contiguous() && y.rank() == 4 {
+    if y.device().is_cpu() && y.dtype() == DType::F32 && y.is_contiguous() && y.rank() == 4 {
         y.inplace_op2(&b.contiguous()?, &BiasAct(act))?;
         return Ok(y);
     }
-    let c = b.dim(0)?;
+    // `b` is `[C]` or already `[1, C, 1, 1]` (a folded convolution's bias).
+    let c = b.elem_count();
     act.apply(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
 }
 

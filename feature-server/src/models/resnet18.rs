@@ -2,7 +2,7 @@
 //! names (`conv1`, `bn1`, `layer1.0.conv1`, ..., `layer2.0.downsample.{0,1}`, `fc`), so
 //! torchvision's release weights and timm's `resnet18.tv_in1k` load unchanged.
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::conv::{self, Net, NetBuilder};
@@ -110,7 +110,8 @@ impl ResNet18 {
 
     /// The network as NHWC engine steps, for folded weights on a CPU device.
     fn cpu_net(&self, device: &Device) -> Result<Option<Net>> {
-        if !device.is_cpu() || self.stem.folded().is_none() {
+        // The engine computes in f32; other precisions run candle's ops.
+        if !device.is_cpu() || self.stem.folded().is_none() || self.dtype() != DType::F32 {
             return Ok(None);
         }
         let mut b = NetBuilder::new();
@@ -136,6 +137,10 @@ impl ResNet18 {
             return conv::forward(net, x);
         }
         self.forward_candle(x)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.stem.dtype()
     }
 
     /// The same network through candle's ops (other devices, unfolded batch-norm).

@@ -7,10 +7,11 @@
 //! where its own matmul reaches 93 (../shared/anchors/cpu-inference.md). Candle tensors still
 //! go in and come out; other devices, and the unfolded reference path, keep candle's ops.
 //!
-//! Files: [`isa`] picks the SIMD level, [`gemm`] (+ `x86`) is the packed microkernel with the
+//! Files: [`isa`] picks the SIMD level, [`denormals`] sets flush-to-zero, [`gemm`] (+ `x86`) is the packed microkernel with the
 //! fused epilogue, [`layer`] one convolution, [`winograd`] the 3x3 fast path, [`net`] the
 //! step list and its reusable buffers.
 
+pub mod denormals;
 pub mod gemm;
 pub mod isa;
 pub mod layer;
@@ -62,7 +63,7 @@ pub fn forward(net: &Net, x: &Tensor) -> Result<Tensor> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("input is not contiguous");
         };
-        net.forward(&all[start..end], n, c, h, w)
+        denormals::flushed(|| net.forward(&all[start..end], n, c, h, w))
     };
     let dim = out.len() / n.max(1);
     Tensor::from_vec(out, (n, dim), x.device())
