@@ -305,8 +305,9 @@ pub struct Args {
     /// Largest photo accepted, in bytes.
     #[arg(long, env = "TAXON_MAX_PHOTO_BYTES", default_value_t = 16 << 20)]
     pub max_photo_bytes: usize,
-    /// Open-set rejection: cosine to the nearest class mean below this is UNKNOWN (set by the
-    /// evaluation, see docs/evaluation.md).
+    /// Open-set rejection for a tenant with no cut-off of its own yet (no class with two
+    /// photos): an image whose cosine to every class mean (uncentred) is below this is
+    /// UNKNOWN. A tenant with two photos of some class uses its own cut-off instead.
     #[arg(long, env = "TAXON_UNKNOWN_SIMILARITY", default_value_t = Thresholds::default().unknown_similarity)]
     pub unknown_similarity: f32,
     /// Best child more probable than this is the answer.

@@ -3,9 +3,11 @@
 //! without any model.
 //!
 //! The rules, in order:
-//! 1. unknown: the cosine between the centred embedding and the nearest class mean is below
-//!    `unknown_similarity` (the image resembles none of the tenant's classes). Skipped with a
-//!    single class, where "centred by the tenant's mean" leaves no direction to compare;
+//! 1. unknown: the image's highest cosine to a class mean (uncentred, see
+//!    `heads::prototype::OpenSet`) is below `unknown_similarity`: the image resembles none of
+//!    the tenant's classes. The caller passes the tenant's own cut-off there once it has one
+//!    (the similarity 95 % of its own photos reach), the server's `--unknown-similarity`
+//!    before. Skipped with a single class;
 //! 2. child: the best child has more than `child_min_probability` (strictly: two children
 //!    tied at 0.5 are exactly the case to back off from);
 //! 3. parent: otherwise, when the best parent (its children's probabilities summed) is a real
@@ -13,11 +15,10 @@
 //!    the parent is not;
 //! 4. child anyway (low confidence; the probability says so).
 //!
-//! The defaults are set by the evaluation (`client eval --open-set`, docs/evaluation.md):
-//! - `unknown_similarity` 0.25: in tenants of pets breeds it keeps 97-99 % of the tenant's own
-//!   test photos and answers UNKNOWN for 94-97 % of bird photos (0.15, the first guess, caught
-//!   only 29-43 % of them); in tenants of bird species, with pet photos as strangers, see the
-//!   birds report;
+//! The defaults (`client eval --open-set` measures them, docs/evaluation.md):
+//! - `unknown_similarity` 0.5, the fallback for tenants without a cut-off of their own (one
+//!   photo per class): a floor, chosen without measuring, below which an image shares little
+//!   with any class; tenants' own cut-offs come out near 0.7-0.8 (docs/evaluation.md);
 //! - `child_min_probability` 0.5 and `parent_min_probability` 0.7: of the photos whose best
 //!   child is wrong, about a third are answered with their parent (right 95-99 % of the time)
 //!   or UNKNOWN instead, at the price of 3-9 % of right children withheld.
@@ -35,7 +36,7 @@ pub struct Thresholds {
 impl Default for Thresholds {
     fn default() -> Self {
         Self {
-            unknown_similarity: 0.25,
+            unknown_similarity: 0.5,
             child_min_probability: 0.5,
             parent_min_probability: 0.7,
         }

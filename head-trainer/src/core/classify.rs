@@ -9,10 +9,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use candle_core::{Device, Tensor};
 use tokio::time::Instant;
 
 use super::{Caller, ClassScore, Classification, ClassifyInput, Core, HeadRef, Label};
-use crate::decision::{Decision, Scored, decide};
+use crate::decision::{Decision, Scored, Thresholds, decide};
 use crate::features::Model;
 use crate::heads::HeadKind;
 use crate::tenants::Tenant;
@@ -102,14 +103,20 @@ impl Core {
         // Head inference on the blocking pool: a hierarchical head over many classes is
         // milliseconds of tensor code that must not stall the runtime threads.
         let (h, prototype, m) = (Arc::clone(&head), set.prototype.clone(), model.id.clone());
-        let (pred, similarity) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (pred, (similarity, cutoff)) = tokio::task::spawn_blocking(move || -> Result<_> {
             let pred = h.predict(&m, &embedding)?;
-            let similarity = match (pred.similarity, &prototype) {
-                (Some(s), _) => s,
-                (None, Some(p)) => p.predict(&m, &embedding)?.similarity.unwrap_or(1.0),
-                (None, None) => 1.0,
-            };
-            Ok((pred, similarity))
+            // Open-set rejection asks the tenant's live prototype, always built from its
+            // current examples, whichever head answers (see `heads::prototype::OpenSet`).
+            let open = prototype
+                .as_ref()
+                .and_then(|p| p.open_set())
+                .map(|o| -> Result<_> {
+                    let x = Tensor::from_slice(&embedding, (1, embedding.len()), &Device::Cpu)?;
+                    Ok((o.similarity(&x)?, o.cutoff))
+                })
+                .transpose()?
+                .unwrap_or((pred.similarity.unwrap_or(1.0), None));
+            Ok((pred, open))
         })
         .await
         .map_err(|e| Error::Model(candle_core::Error::Msg(format!("head task: {e}"))))??;
@@ -134,12 +141,12 @@ impl Core {
         for s in &mut scored {
             s.probability /= total;
         }
-        let outcome = decide(
-            &scored,
-            Some(similarity),
-            |g| tax.is_parent(g),
-            &self.config.thresholds,
-        );
+        // The tenant's own cut-off, once it has one; the server's until then.
+        let thresholds = Thresholds {
+            unknown_similarity: cutoff.unwrap_or(self.config.thresholds.unknown_similarity),
+            ..self.config.thresholds
+        };
+        let outcome = decide(&scored, Some(similarity), |g| tax.is_parent(g), &thresholds);
         let k = if input.top_k == 0 {
             5
         } else {

@@ -267,6 +267,16 @@ impl Head {
         }
     }
 
+    /// What open-set rejection compares with, when this head was built from examples (the
+    /// tenant's live prototype always is; see [`prototype::OpenSet`]).
+    pub fn open_set(&self) -> Option<&prototype::OpenSet> {
+        match &self.net {
+            Net::Prototype(p) => p.open.as_ref(),
+            Net::Combined(c) => c.proto.open.as_ref(),
+            Net::Flat(_) | Net::Hierarchical(_) => None,
+        }
+    }
+
     /// Scores one embedding; refuses one from another model than the head was trained for.
     pub fn predict(&self, model: &str, x: &[f32]) -> Result<Prediction> {
         if model != self.meta.model {

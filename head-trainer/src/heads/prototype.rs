@@ -1,9 +1,14 @@
 //! Nearest class mean: cosine between the centred, unit-length embedding and each class's
 //! unit-length mean, softened into probabilities by a temperature.
 //!
-//! Centring by the tenant's mean matters: raw CNN embeddings are all positive (post-ReLU
-//! pooling) and share a large common component, so uncentred cosines are all close to 1. The
-//! cosine to the nearest mean is also what open-set rejection looks at.
+//! Centring by the tenant's mean matters for telling classes apart: raw CNN embeddings are all
+//! positive (post-ReLU pooling) and share a large common component, so uncentred cosines of
+//! the tenant's own classes are all close to each other.
+//!
+//! Open-set rejection ([`OpenSet`]) is the opposite case and does not centre: it asks whether
+//! a photo is like the tenant's photos at all, and centring by a tenant's mean removes exactly
+//! what its photos share (in a tenant of 100 bird species, "bird"), after which a cat is as
+//! near some bird species' mean as a bird is.
 
 use std::collections::HashMap;
 
@@ -21,6 +26,78 @@ pub struct Prototype {
     pub means: Tensor,
     /// 1 / temperature.
     pub inv_temperature: f32,
+    /// What open-set rejection compares with; built by [`Prototype::fit`] (the tenant's live
+    /// prototype always is), absent in a copy read back from stored tensors.
+    pub open: Option<OpenSet>,
+}
+
+/// The share of a tenant's own photos its cut-off is set to keep.
+pub const KEEP_OWN: f64 = 0.95;
+
+/// Open-set rejection with the tenant's own cut-off: the score of a photo is its highest
+/// cosine to a class mean, both uncentred and unit-length; the cut-off is the
+/// `1 - KEEP_OWN` quantile of the same score of the tenant's own photos, each measured
+/// against its class's mean computed without it (leave-one-out). So the cut-off keeps about
+/// 95 % of photos like the tenant's own, in a tenant of 6 classes or of 100, and adapts to
+/// how spread out its classes are; one global cut-off could not (docs/evaluation.md).
+#[derive(Clone, Debug)]
+pub struct OpenSet {
+    /// Unit-length means of each class's unit-length uncentred embeddings, `classes x dim`.
+    pub means: Tensor,
+    /// `None` until some class has two examples (nothing to leave one out of): the server's
+    /// `--unknown-similarity` applies then.
+    pub cutoff: Option<f32>,
+}
+
+impl OpenSet {
+    pub fn fit(x: &Tensor, y: &[u32], classes: usize) -> Result<Self> {
+        let rows = l2_normalize(x)?;
+        let sums = one_hot(y, classes)?.t()?.matmul(&rows)?;
+        let norms: Vec<f32> = sums.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
+        let mut counts = vec![0u32; classes];
+        for &c in y {
+            counts[c as usize] += 1;
+        }
+        // Each row against its own class's sum: (S - r) . r / |S - r| with |r| = 1.
+        let index = Tensor::from_slice(y, y.len(), x.device())?;
+        let dots: Vec<f32> = (&rows * sums.index_select(&index, 0)?)?.sum(1)?.to_vec1()?;
+        let mut loo: Vec<f32> = y
+            .iter()
+            .zip(&dots)
+            .filter(|(c, _)| counts[**c as usize] >= 2)
+            .map(|(&c, &dot)| {
+                let n = (norms[c as usize].powi(2) - 2.0 * dot + 1.0)
+                    .max(1e-12)
+                    .sqrt();
+                (dot - 1.0) / n
+            })
+            .collect();
+        Ok(Self {
+            means: l2_normalize(&sums)?,
+            cutoff: quantile(&mut loo, 1.0 - KEEP_OWN),
+        })
+    }
+
+    /// The score of a batch of raw embeddings: each row's highest cosine to a class mean.
+    pub fn similarity(&self, x: &Tensor) -> Result<f32> {
+        Ok(l2_normalize(x)?
+            .matmul(&self.means.t()?)?
+            .max_all()?
+            .to_scalar::<f32>()?)
+    }
+}
+
+/// The `q` quantile of `v` with linear interpolation between order statistics (numpy's
+/// default); `None` for no values.
+pub fn quantile(v: &mut [f32], q: f64) -> Option<f32> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f32::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, frac) = (pos.floor() as usize, (pos - pos.floor()) as f32);
+    let hi = (lo + 1).min(v.len() - 1);
+    Some(v[lo] + (v[hi] - v[lo]) * frac)
 }
 
 /// Rows scaled to unit length.
@@ -42,6 +119,7 @@ impl Prototype {
             mean,
             means,
             inv_temperature: 1.0 / opts.temperature.max(1e-3),
+            open: Some(OpenSet::fit(&x, &ts.y, ts.classes.len())?),
         })
     }
 
@@ -85,6 +163,49 @@ impl Prototype {
             mean: get(t, "proto.mean")?.clone(),
             means: get(t, "proto.means")?.clone(),
             inv_temperature: get(t, "proto.inv_temperature")?.to_vec1::<f32>()?[0],
+            open: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn quantile_interpolates_like_numpy() {
+        // numpy.quantile([1, 2, 3, 4, 5], 0.05) = 1.2; of [3, 1] at 0.5 = 2.0.
+        assert!((quantile(&mut [5.0, 1.0, 3.0, 2.0, 4.0], 0.05).unwrap() - 1.2).abs() < 1e-6);
+        assert_eq!(quantile(&mut [3.0, 1.0], 0.5), Some(2.0));
+        assert_eq!(quantile(&mut [7.0], 0.05), Some(7.0));
+        assert_eq!(quantile(&mut [], 0.05), None);
+    }
+
+    /// Two tight classes along two axes of three; a photo along the third axis is far below
+    /// the cut-off, the tenant's own photos are above it.
+    #[test]
+    fn the_cut_off_keeps_own_photos_and_not_strangers() {
+        let x = Tensor::new(
+            &[
+                [1.0f32, 0.1, 0.0],
+                [1.0, 0.0, 0.1],
+                [1.0, 0.05, 0.05],
+                [0.1, 1.0, 0.0],
+                [0.0, 1.0, 0.1],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let open = OpenSet::fit(&x, &[0, 0, 0, 1, 1], 2).unwrap();
+        let cutoff = open.cutoff.unwrap();
+        assert!(cutoff > 0.9 && cutoff < 1.0, "{cutoff}");
+        let own = Tensor::new(&[[1.0f32, 0.02, 0.03]], &Device::Cpu).unwrap();
+        assert!(open.similarity(&own).unwrap() >= cutoff);
+        let stranger = Tensor::new(&[[0.1f32, 0.1, 1.0]], &Device::Cpu).unwrap();
+        assert!(open.similarity(&stranger).unwrap() < 0.2);
+        // One example per class: nothing to leave out, no cut-off of its own.
+        let single = OpenSet::fit(&x.narrow(0, 2, 2).unwrap(), &[0, 1], 2).unwrap();
+        assert_eq!(single.cutoff, None);
     }
 }
