@@ -2,8 +2,11 @@
 # The real-photo checks, separate from `cargo test` (which is self-contained):
 #   1. leave-one-out nearest neighbour on pets with the real MobileNetV2 weights, against
 #      PyTorch's 81.1 % breed / 99.2 % species (fails if more than 2 points lower);
-#   2. a short k-shot evaluation through both live services (pets, k = 5, 2 seeds), failing
-#      when the default head's child top-1 drops below 84 %.
+#   2. a short k-shot evaluation through both live services (pets, k = 5, 5 seeds) that saves
+#      its embeddings, splits and answers, then the same-embedding anchors on exactly those
+#      (nearest class mean, scikit-learn's logistic regression, the PyTorch flat recipe):
+#      fails when the default head is below the best of them by more than twice the standard
+#      error of the paired difference.
 # Needs ../shared/datasets (seen from the repo root); without it, fails in CI (CI=true) and
 # says so and skips elsewhere.
 set -euo pipefail
@@ -35,7 +38,7 @@ cargo run -q $profile_flag -p feature-server --example knn_loo -- \
   --backbone mobilenet_v2 --weights "$weights" --dataset "$datasets/pets" \
   --min-child 79.1 --min-parent 97.2
 
-echo "--- k-shot evaluation through the live services, pets, k = 5, 2 seeds"
+echo "--- k-shot evaluation through the live services, pets, k = 5, 5 seeds"
 cargo build -q $profile_flag -p feature-server -p head-trainer -p taxon-client
 target_dir=${CARGO_TARGET_DIR:-target}
 bin=$target_dir/debug; [ "$profile_flag" = "--release" ] && bin=$target_dir/release
@@ -54,5 +57,7 @@ cleanup() { kill "$hpid" "$fpid" 2>/dev/null || true; wait 2>/dev/null || true; 
 trap cleanup EXIT
 server="http://127.0.0.1:$hport"
 "$bin/client" --server "$server" health --wait 120
-"$bin/client" --server "$server" eval "$datasets/pets" --shots 5 --seeds 2 \
-  --min-default-child 84 --out target/eval-ci
+"$bin/client" --server "$server" eval "$datasets/pets" --shots 5 --seeds 5 --heads prototype \
+  --save-embeddings target/eval-ci/embeddings --out target/eval-ci
+echo "--- the default head against heads from outside, on the same embeddings and splits"
+scripts/anchors/run.sh target/eval-ci/embeddings --out target/eval-ci/same-embeddings.md --gate

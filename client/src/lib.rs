@@ -87,6 +87,9 @@ pub enum Command {
     Export(commands::transfer::ExportArgs),
     /// Load a file from `export` into this (empty) tenant, on this server or another.
     Import(commands::transfer::ImportArgs),
+    /// How well each class is learned (leave-one-out, from the cached embeddings): estimates,
+    /// confused pairs, classes that need more photos, photos that look mislabelled.
+    Report(commands::report::Args),
     /// The server's grpc.health.v1 status.
     Health(commands::health::Args),
     /// Head and model summary, or a feature-server's model with --features.
@@ -171,6 +174,7 @@ pub async fn execute(cli: Cli, out: &mut dyn Write) -> Result<Outcome> {
         Command::Rename(args) => commands::manage::rename(&mut ctx, args).await?,
         Command::Export(args) => commands::transfer::export(&mut ctx, args).await?,
         Command::Import(args) => commands::transfer::import(&mut ctx, args).await?,
+        Command::Report(args) => commands::report::run(&mut ctx, args).await?,
         Command::Health(args) => commands::health::run(&mut ctx, args).await?,
         Command::Info(args) => commands::info::run(&mut ctx, args).await?,
         Command::Eval(args) => eval::run(&mut ctx, args).await?,

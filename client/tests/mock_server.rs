@@ -271,6 +271,10 @@ impl Classifier for Mock {
     ) -> Result<Response<ImportResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    async fn report(&self, _: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves the mock (and grpc.health.v1) on a free port; returns its URL.

@@ -179,6 +179,10 @@ impl Classifier for Flaky {
     ) -> Result<Response<ImportResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    async fn report(&self, _: Request<ReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 async fn serve(flaky: Flaky) -> String {

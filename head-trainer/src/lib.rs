@@ -12,7 +12,8 @@
 //! - [`features`]: the feature-server client (the only source of embeddings);
 //! - [`inflight`]: one budget for image bytes in flight, across all callers;
 //! - [`store`]: the durable state behind a trait (redb, embedded, by default); [`heads`]: the
-//!   models; [`decision`]: the rules.
+//!   models; [`decision`]: the rules; [`quality`]: leave-one-out estimates of how well each
+//!   class is learned.
 //!
 //! Everything below the faces knows nothing of tonic or axum (`features` is a gRPC client, but its
 //! trait speaks plain types).
@@ -26,6 +27,7 @@ pub mod heads;
 pub mod http;
 pub mod inflight;
 pub mod metrics;
+pub mod quality;
 pub mod quota;
 pub mod server;
 pub mod service;

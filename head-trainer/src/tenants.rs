@@ -361,17 +361,28 @@ impl Tenants {
 
     /// Re-reads the tenant after a write and publishes the new taxonomy and prototype.
     pub async fn refresh(&self, tenant: &Arc<Tenant>, model: &str) -> Result<()> {
+        self.refresh_with(tenant, model, |_| Ok(())).await
+    }
+
+    /// [`Tenants::refresh`], also computing `f` on the snapshot it read.
+    pub async fn refresh_with<T: Send + 'static>(
+        &self,
+        tenant: &Arc<Tenant>,
+        model: &str,
+        f: impl FnOnce(&Snapshot) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let store = Arc::clone(&self.store);
         let (name, model, opts) = (tenant.name.clone(), model.to_string(), self.opts.clone());
-        let (taxonomy, prototype) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (taxonomy, prototype, out) = tokio::task::spawn_blocking(move || -> Result<_> {
             let snap = store.snapshot(&name, Some(&model))?;
             let proto = prototype_of(&snap, &model, &opts)?;
-            Ok((snap.taxonomy, proto))
+            let out = f(&snap)?;
+            Ok((snap.taxonomy, proto, out))
         })
         .await
         .map_err(|e| Error::Store(format!("refreshing tenant: {e}")))??;
         tenant.publish_taxonomy(taxonomy, prototype);
-        Ok(())
+        Ok(out)
     }
 }
 

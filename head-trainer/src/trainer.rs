@@ -31,6 +31,18 @@ use crate::{Error, Result};
 /// Between two attempts at a tenant's training lock that another replica holds.
 const REPLICA_LOCK_POLL: Duration = Duration::from_millis(200);
 
+/// Where a job starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// A scheduled job: a head another replica already trained on the current examples is
+    /// published as it is; otherwise training warm-starts from the previous head of the kind.
+    Scheduled,
+    /// Warm-started from the previous head of the kind (classes it knew keep their weights).
+    Warm,
+    /// From the examples alone, so the head does not depend on the heads before it.
+    Scratch,
+}
+
 /// Schedules and runs training jobs.
 pub struct Trainer {
     store: Arc<dyn Store>,
@@ -84,7 +96,7 @@ impl Trainer {
                     break;
                 }
                 let kind = this.default_kind;
-                if let Err(e) = this.run(&tenant, &model, kind, true).await {
+                if let Err(e) = this.run(&tenant, &model, kind, Start::Scheduled).await {
                     tracing::warn!(tenant = %tenant.name, %kind, error = %e, "training failed");
                     let revision = tenant.current().taxonomy.revision;
                     tenant.publish_failure(revision, e.to_string());
@@ -104,29 +116,38 @@ impl Trainer {
     }
 
     /// Trains a head of `kind` on the tenant's current examples now (waiting for a running
-    /// job first), saves it and makes it live. Returns the head, or `NoClasses`.
+    /// job first), saves it and makes it live. Returns the head, or `NoClasses`. With
+    /// `from_scratch` the previous head of the kind is not used as the starting point.
     pub async fn train(
         &self,
         tenant: &Arc<Tenant>,
         model: &str,
         kind: HeadKind,
+        from_scratch: bool,
     ) -> Result<Arc<Head>> {
-        self.run(tenant, model, kind, false).await
+        let start = if from_scratch {
+            Start::Scratch
+        } else {
+            Start::Warm
+        };
+        self.run(tenant, model, kind, start).await
     }
 
-    /// One job. With `reuse_current`, a stored head of `kind` already trained on the current
-    /// examples (by another replica) is published instead of training a new one.
+    /// One job, starting from `start`.
     async fn run(
         &self,
         tenant: &Arc<Tenant>,
         model: &str,
         kind: HeadKind,
-        reuse_current: bool,
+        start: Start,
     ) -> Result<Arc<Head>> {
         let _one_at_a_time = tenant.train_lock.lock().await;
         let one_replica = self.replica_lock(&tenant.name).await?;
         let _a_core = self.jobs.acquire().await.map_err(|_| Error::ShuttingDown)?;
-        let previous = tenant.current().trained.get(&kind).cloned();
+        let previous = match start {
+            Start::Scratch => None,
+            Start::Scheduled | Start::Warm => tenant.current().trained.get(&kind).cloned(),
+        };
         let (store, opts) = (Arc::clone(&self.store), self.opts.clone());
         let (name, model) = (tenant.name.clone(), model.to_string());
         let metrics = Arc::clone(&self.metrics);
@@ -138,7 +159,7 @@ impl Trainer {
             if snap.examples.is_empty() {
                 return Err(Error::NoClasses(name));
             }
-            if reuse_current && kind.is_trained() {
+            if start == Start::Scheduled && kind.is_trained() {
                 let current = stored_heads(store.as_ref(), &name)?
                     .remove(&kind)
                     .filter(|h| h.meta.revision >= snap.taxonomy.revision && h.meta.model == model);

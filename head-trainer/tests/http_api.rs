@@ -230,6 +230,23 @@ async fn enroll_classify_rename_remove_over_http() {
     .await;
     assert_error(&r, 400, "INVALID_ARGUMENT", "query");
 
+    // The quality report: every class, each under five photos.
+    let r = get(http, "/v1/report?max_suspects=5", "a").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let q = r.json();
+    let mug = q["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "my mug")
+        .unwrap_or_else(|| panic!("no `my mug` in {q}"));
+    assert_eq!(mug["examples"], 4);
+    assert_eq!(mug["needs_more_photos"], true, "{q}");
+    assert_eq!(q["model"], MODEL);
+    assert!(q["method"].as_str().unwrap().contains("leave-one-out"));
+    let r = get(http, "/v1/report", "b").await;
+    assert_error(&r, 409, "FAILED_PRECONDITION", "tenant `b` has no classes");
+
     // Another tenant sees none of it.
     let r = get(http, "/v1/classes", "b").await;
     assert_eq!(r.json()["classes"], serde_json::json!([]));
@@ -402,6 +419,7 @@ async fn the_page_and_the_openapi_document_are_served() {
         ("/v1/classes/{name}/rename", "post"),
         ("/v1/classes/{name}", "delete"),
         ("/v1/classify", "post"),
+        ("/v1/report", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
     ] {

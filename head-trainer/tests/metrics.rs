@@ -96,6 +96,7 @@ async fn counters_move_by_what_was_done() {
     client
         .train(TrainRequest {
             head: "flat".into(),
+            ..Default::default()
         })
         .await
         .expect("train");

@@ -159,9 +159,15 @@ async fn an_imported_tenant_answers_exactly_as_the_exported_one() {
     )
     .await;
     for head in ["flat", "hierarchical", "combined"] {
-        ca.train(as_tenant("src", TrainRequest { head: head.into() }))
-            .await
-            .unwrap();
+        ca.train(as_tenant(
+            "src",
+            TrainRequest {
+                head: head.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
     }
     let queries = blobs("query", 4, 64);
     let before = answers(&mut ca, "src", &queries).await;

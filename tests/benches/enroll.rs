@@ -200,7 +200,10 @@ async fn live_and_latency(weights: PathBuf, pets: PathBuf) {
         async move {
             let r = c
                 .train(request(
-                    taxon_proto::v1::TrainRequest { head: kind.into() },
+                    taxon_proto::v1::TrainRequest {
+                        head: kind.into(),
+                        ..Default::default()
+                    },
                     md,
                 ))
                 .await

@@ -209,7 +209,13 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
     // Train every kind, then ask each by name.
     for kind in ["prototype", "flat", "hierarchical", "combined"] {
         let t = c
-            .train(request(TrainRequest { head: kind.into() }, md))
+            .train(request(
+                TrainRequest {
+                    head: kind.into(),
+                    ..Default::default()
+                },
+                md,
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -444,6 +450,7 @@ async fn bad_input_gets_clear_codes_and_writes_nothing() {
         .train(request(
             TrainRequest {
                 head: "flat".into(),
+                ..Default::default()
             },
             md,
         ))

@@ -254,34 +254,193 @@ async fn eval_compares_every_head_and_writes_the_report() {
             10 + i as u64,
         );
     }
-    let out_dir = dir.path().join("report");
+    // Twice, each run writing its embeddings, splits and answers: the second must print
+    // exactly what the first did (every head trained from scratch, classes in a fixed order).
+    let mut answers = Vec::new();
+    for run in ["a", "b"] {
+        let out_dir = dir.path().join(format!("report-{run}"));
+        let dump = dir.path().join(format!("dump-{run}"));
+        let (r, out) = client(&[
+            "--server",
+            &url,
+            "eval",
+            &root.to_string_lossy(),
+            "--shots",
+            "1,2",
+            "--seeds",
+            "2",
+            "--out",
+            &out_dir.to_string_lossy(),
+            "--save-embeddings",
+            &dump.to_string_lossy(),
+        ])
+        .await;
+        assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+        let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+        for needle in [
+            "## k = 1 (12 test photos per seed)",
+            "## k = 2",
+            "| prototype |",
+            "| flat |",
+            "| hierarchical |",
+            "| warm | red |",
+            "| ECE |",
+        ] {
+            assert!(md.contains(needle), "{needle:?} missing from:\n{md}");
+        }
+        for png in ["confusion.png", "accuracy_vs_k.png"] {
+            image::open(out_dir.join(png)).unwrap();
+        }
+        check_dump(&dump, &root);
+        answers.push(answers_of(&dump));
+    }
+    assert_eq!(answers[0], answers[1], "two runs answered differently");
+    ht.stop().await;
+}
+
+/// `eval --save-embeddings`: one embedding per photo, each found by the sha256 that
+/// photos.tsv gives it; splits and answers for every (k, seed) and head.
+fn check_dump(dump: &Path, root: &Path) {
+    use sha2::{Digest, Sha256};
+    let file = std::fs::read(dump.join("embeddings.safetensors")).unwrap();
+    let tf = head_trainer::tenant_file::TenantFile::decode(&file).unwrap();
+    let tsv = std::fs::read_to_string(dump.join("photos.tsv")).unwrap();
+    let rows: Vec<Vec<&str>> = tsv
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(rows.len(), 16, "{tsv}");
+    assert_eq!(tf.examples.len(), 16);
+    for row in &rows {
+        let bytes = std::fs::read(root.join(row[0])).unwrap();
+        let hex: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(row[3], hex, "{row:?}");
+        let example = tf
+            .examples
+            .iter()
+            .find(|e| {
+                e.hash
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+                    == hex
+            })
+            .unwrap_or_else(|| panic!("no embedding for {row:?}"));
+        assert_eq!(tf.classes[example.class].name, row[2]);
+        assert_eq!(example.embedding.len(), tf.dim);
+    }
+    let splits: Vec<Value> =
+        json_lines(&std::fs::read_to_string(dump.join("splits.jsonl")).unwrap());
+    assert_eq!(splits.len(), 4, "k = 1, 2 by seeds 0, 1");
+    for sp in &splits {
+        let k = sp["k"].as_u64().unwrap() as usize;
+        assert_eq!(sp["train"].as_array().unwrap().len(), 4 * k);
+        assert_eq!(sp["test"].as_array().unwrap().len(), 4 * (4 - k));
+    }
+    // The default head and the four kinds, for each of the four splits.
+    assert_eq!(answers_of(dump).len(), 20);
+}
+
+/// Every head's answers in predictions.jsonl, without the training times.
+fn answers_of(dump: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(dump.join("predictions.jsonl")).unwrap();
+    json_lines(&text)
+        .into_iter()
+        .map(|mut v| {
+            v.as_object_mut().unwrap().remove("train_ms");
+            v
+        })
+        .collect()
+}
+
+/// `client report`: a checkerboard photo enrolled as `red` is the suspect, named by its file,
+/// nearer `chess` than `red`; `red`'s estimate drops below the clean classes'; the Enroll
+/// reply already carried that estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_names_the_mislabelled_photo() {
+    let dir = tempfile::tempdir().unwrap();
+    let ht = start_head_trainer(config(&dir.path().join("data"))).await;
+    let url = ht.url();
+    let (r, _) = client(&["--server", &url, "health", "--wait", "120"]).await;
+    assert_eq!(r.unwrap(), Outcome::Success);
+    let red = dir.path().join("red");
+    write_photos(&red, Pattern::Solid, [220, 30, 30], 4, 1);
+    let chess = dir.path().join("chess");
+    write_photos(&chess, Pattern::Checker, [0, 0, 0], 4, 2);
+    let blue = dir.path().join("blue");
+    write_photos(&blue, Pattern::Stripes, [30, 30, 220], 4, 3);
+    // The mislabelled one: a checkerboard among the red photos.
+    let stray = red.join("stray.png");
+    std::fs::write(&stray, photos(Pattern::Checker, [0, 0, 0], 1, 9).remove(0)).unwrap();
+    let s = |p: &Path| p.to_string_lossy().to_string();
+    let base = ["--server", url.as_str(), "--tenant", "report", "--json"];
+    let mut estimates = Vec::new();
+    for (class, path) in [("chess", &chess), ("blue", &blue), ("red", &red)] {
+        let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+        args.extend(["enroll", "--class", class, &s(path)].map(String::from));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (r, out) = client(&refs).await;
+        assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+        estimates.push(json_lines(&out)[0]["estimated_accuracy"].clone());
+    }
+    assert!(
+        estimates[0].is_null(),
+        "one class: nothing to confuse it with"
+    );
+    assert_eq!(estimates[1].as_f64(), Some(1.0), "{estimates:?}");
+    let red_estimate = estimates[2].as_f64().unwrap();
+    assert!(red_estimate < 1.0, "{estimates:?}");
+
+    let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+    args.extend(["report".to_string(), s(dir.path())]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (r, out) = client(&refs).await;
+    assert_eq!(r.unwrap(), Outcome::Success, "{out}");
+    let v = &json_lines(&out)[0];
+    let suspects = v["suspects"].as_array().unwrap();
+    assert_eq!(suspects.len(), 1, "{v}");
+    assert_eq!(suspects[0]["class"], "red");
+    assert_eq!(suspects[0]["nearer_class"], "chess");
+    assert_eq!(suspects[0]["file"].as_str(), Some(s(&stray).as_str()));
+    let class = |name: &str| {
+        v["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing from {v}"))
+            .clone()
+    };
+    let red_accuracy = class("red")["accuracy"].as_f64().unwrap();
+    assert!(
+        (red_accuracy - red_estimate).abs() < 1e-6,
+        "{red_accuracy} vs {red_estimate}"
+    );
+    assert_eq!(class("red")["confused_with"], "chess");
+    assert_eq!(class("red")["examples"], 5);
+    assert_eq!(class("blue")["accuracy"].as_f64(), Some(1.0));
+    assert_eq!(class("blue")["needs_more_photos"], true, "four photos");
+    assert_eq!(v["checked"], 13);
+    assert_eq!(v["confused"][0]["a"], "chess");
+    assert_eq!(v["confused"][0]["b"], "red");
+    assert_eq!(v["confused"][0]["b_taken_for_a"], 1);
+
+    // The same report as a person reads it.
     let (r, out) = client(&[
         "--server",
         &url,
-        "eval",
-        &root.to_string_lossy(),
-        "--shots",
-        "1,2",
-        "--seeds",
-        "2",
-        "--out",
-        &out_dir.to_string_lossy(),
+        "--tenant",
+        "report",
+        "report",
+        &s(dir.path()),
     ])
     .await;
     assert_eq!(r.unwrap(), Outcome::Success, "{out}");
-    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
-    for needle in [
-        "## k = 1 (12 test photos per seed)",
-        "## k = 2",
-        "| prototype |",
-        "| flat |",
-        "| hierarchical |",
-        "| warm | red |",
-    ] {
-        assert!(md.contains(needle), "{needle:?} missing from:\n{md}");
-    }
-    for png in ["confusion.png", "accuracy_vs_k.png"] {
-        image::open(out_dir.join(png)).unwrap();
-    }
+    assert!(out.contains("stray.png (red): nearer chess"), "{out}");
+    assert!(out.contains("needs more photos"), "{out}");
     ht.stop().await;
 }

@@ -98,6 +98,7 @@ pub async fn enroll_class(
                 t.head_version = r.head_version;
                 t.head = r.head;
                 t.time_to_live_ms = r.time_to_live_ms;
+                t.estimated_accuracy = r.estimated_accuracy;
                 t
             }
         });
@@ -187,6 +188,8 @@ struct Summary<'a> {
     cached: u32,
     examples: u32,
     time_to_live_ms: u64,
+    /// The class's leave-one-out accuracy (0..1), when the server could estimate it.
+    estimated_accuracy: Option<f32>,
     elapsed_ms: u64,
 }
 
@@ -280,6 +283,7 @@ fn report(ctx: &mut Ctx<'_>, done: &Enrolled, skipped: &[Skipped], waited: bool)
             cached: r.cached,
             examples: r.examples,
             time_to_live_ms: r.time_to_live_ms,
+            estimated_accuracy: r.estimated_accuracy,
             elapsed_ms: super::ms(done.elapsed),
         };
         return output::json_line(ctx.out, &summary);
@@ -300,6 +304,14 @@ fn report(ctx: &mut Ctx<'_>, done: &Enrolled, skipped: &[Skipped], waited: bool)
         all_skipped.len(),
         r.examples
     )?;
+    if let Some(a) = r.estimated_accuracy {
+        writeln!(
+            out,
+            "  estimated accuracy {:.0} % (its photos, each left out, against every class; \
+             `client report` says more)",
+            100.0 * a
+        )?;
+    }
     for s in &done.unread {
         writeln!(out, "  skipped {}: {}", s.path.display(), s.reason)?;
     }

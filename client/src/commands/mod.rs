@@ -7,6 +7,7 @@ pub mod enroll;
 pub mod health;
 pub mod info;
 pub mod manage;
+pub mod report;
 pub mod transfer;
 
 /// Seconds as a float with millisecond precision, for JSON.

@@ -2,11 +2,12 @@
 //! examples' embeddings and photo hashes, class means, trained heads, model identity), to
 //! back it up or move it to another tenant or server without sending a photo again.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use taxon_proto::v1::ExportRequest;
 
+use crate::connect::Conn;
 use crate::error::{Error, Result};
 use crate::output;
 use crate::{Ctx, Outcome};
@@ -26,25 +27,8 @@ pub struct ImportArgs {
 
 pub async fn export(ctx: &mut Ctx<'_>, args: ExportArgs) -> Result<Outcome> {
     let conn = ctx.connect().await?;
-    let mut stream = conn
-        .classifier()
-        .export(ExportRequest {})
-        .await
-        .map_err(conn.rpc_error("Export"))?
-        .into_inner();
-    let mut file = Vec::new();
-    while let Some(chunk) = stream.message().await.map_err(conn.rpc_error("Export"))? {
-        file.extend_from_slice(&chunk.data);
-    }
-    // Written beside the target and renamed over it: a crash leaves the old file or the
-    // new one, never a torn one.
-    let partial = args.file.with_extension("partial");
-    let io = |path: &PathBuf| {
-        let path = path.clone();
-        move |source| Error::File { path, source }
-    };
-    std::fs::write(&partial, &file).map_err(io(&partial))?;
-    std::fs::rename(&partial, &args.file).map_err(io(&args.file))?;
+    let file = download(&conn).await?;
+    write_whole(&args.file, &file)?;
     if ctx.json {
         output::json_line(
             ctx.out,
@@ -59,6 +43,33 @@ pub async fn export(ctx: &mut Ctx<'_>, args: ExportArgs) -> Result<Outcome> {
         )?;
     }
     Ok(Outcome::Success)
+}
+
+/// The tenant's file, from `Export`'s chunks.
+pub async fn download(conn: &Conn) -> Result<Vec<u8>> {
+    let mut stream = conn
+        .classifier()
+        .export(ExportRequest {})
+        .await
+        .map_err(conn.rpc_error("Export"))?
+        .into_inner();
+    let mut file = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(conn.rpc_error("Export"))? {
+        file.extend_from_slice(&chunk.data);
+    }
+    Ok(file)
+}
+
+/// Writes `bytes` beside `path` and renames it over `path`: a crash leaves the old file or
+/// the new one, never a torn one.
+pub fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+    let partial = path.with_extension("partial");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::File { path, source }
+    };
+    std::fs::write(&partial, bytes).map_err(io(&partial))?;
+    std::fs::rename(&partial, path).map_err(io(path))
 }
 
 pub async fn import(ctx: &mut Ctx<'_>, args: ImportArgs) -> Result<Outcome> {

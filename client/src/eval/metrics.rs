@@ -18,6 +18,8 @@ pub struct Prediction {
     pub decision: Option<&'static str>,
     /// Cosine to the nearest class mean, as the service reported it.
     pub similarity: Option<f32>,
+    /// The probability the head gave its top-1 child (what calibration is measured on).
+    pub confidence: Option<f32>,
 }
 
 /// Percentages (0..100) for one head on one split.
@@ -31,6 +33,8 @@ pub struct Scores {
     pub severity: f64,
     /// Rates of the decisions child / parent / unknown.
     pub decisions: [f64; 3],
+    /// Expected calibration error of the top-1 probability, in points (see [`ece`]).
+    pub ece: f64,
 }
 
 fn pct(hits: usize, n: usize) -> f64 {
@@ -59,7 +63,36 @@ pub fn score(preds: &[Prediction]) -> Scores {
         severity: pct(count(&|p| !child_ok(p) && !parent_ok(p)), n),
         decisions: ["child", "parent", "unknown"]
             .map(|d| pct(count(&|p| p.decision == Some(d)), n)),
+        ece: ece(preds, ECE_BINS),
     }
+}
+
+/// Confidence bins of the expected calibration error: 15, as in Guo et al. 2017 and most
+/// papers since, so the figure compares with theirs.
+pub const ECE_BINS: usize = 15;
+
+/// Expected calibration error, in points: answers binned by the top-1 probability into `bins`
+/// equal-width bins; the gap between mean confidence and accuracy in each bin, weighted by the
+/// bin's share of answers. A failed call counts as wrong at confidence 0.
+pub fn ece(preds: &[Prediction], bins: usize) -> f64 {
+    if preds.is_empty() || bins == 0 {
+        return 0.0;
+    }
+    let mut sums = vec![(0usize, 0f64, 0usize); bins]; // (answers, confidence, right)
+    for p in preds {
+        let conf = f64::from(p.confidence.unwrap_or(0.0)).clamp(0.0, 1.0);
+        let bin = ((conf * bins as f64) as usize).min(bins - 1);
+        sums[bin].0 += 1;
+        sums[bin].1 += conf;
+        sums[bin].2 += usize::from(p.predicted.as_deref() == Some(p.child.as_str()));
+    }
+    let n = preds.len() as f64;
+    100.0
+        * sums
+            .iter()
+            .filter(|b| b.0 > 0)
+            .map(|&(_, conf, right)| (conf - right as f64).abs() / n)
+            .sum::<f64>()
 }
 
 /// Child top-1 per true class, as (hits, total), keyed by class name.
@@ -127,6 +160,7 @@ mod tests {
             branch_parent: branch.map(String::from),
             decision: pred.map(|_| "child"),
             similarity: None,
+            confidence: pred.map(|_| 0.5),
         }
     }
 
@@ -168,6 +202,24 @@ mod tests {
         assert_eq!(m[1], vec![1, 1, 0, 0]); // pug: once beagle, once pug
         assert_eq!(m[2], vec![0, 1, 0, 1]); // sphynx: once pug, once no answer
         assert_eq!(m[0], vec![0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn calibration_error_by_hand() {
+        // Two answers at 0.9, one right: |1.8 - 1| / 4. Two at 0.3, both wrong: 0.6 / 4.
+        let mut preds = sample();
+        for (p, c) in preds.iter_mut().zip([0.9, 0.9, 0.3, 0.3]) {
+            p.confidence = Some(c);
+        }
+        assert!((ece(&preds, 15) - 100.0 * (0.8 + 0.6) / 4.0).abs() < 1e-9);
+        // Confidence equal to accuracy in every bin: calibrated.
+        preds[1].predicted = Some("pug".into());
+        preds[0].confidence = Some(1.0);
+        preds[1].confidence = Some(1.0);
+        preds[2].confidence = Some(0.0);
+        preds[3].confidence = None;
+        assert_eq!(ece(&preds, 15), 0.0);
+        assert_eq!(ece(&[], 15), 0.0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the PyTorch anchors; writes report.md, confusion.png and accuracy_vs_k.png.
 
 mod anchors;
+pub mod dump;
 mod font;
 pub mod metrics;
 pub mod open_set;
@@ -53,6 +54,12 @@ pub struct Args {
     /// How many photos `--open-set` samples (evenly through its sorted listing).
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub open_set_photos: usize,
+    /// Also write, into DIR, every photo's embedding (the server's own, exported), each seed's
+    /// split and every head's answers, so that scripts/anchors/same_embeddings.py can run
+    /// other heads on exactly the same embeddings and splits. Embeds the whole dataset once
+    /// first (with the server's `--share-embedding-cache`, the seeds then reuse it).
+    #[arg(long, value_name = "DIR")]
+    pub save_embeddings: Option<PathBuf>,
 }
 
 fn quote(arg: &str) -> String {
@@ -88,6 +95,12 @@ fn command_line(server: &str, args: &Args, out: &Path) -> String {
     ];
     if let Some(p) = args.min_default_child {
         parts.extend(["--min-default-child".into(), p.to_string()]);
+    }
+    if let Some(dir) = &args.save_embeddings {
+        parts.extend([
+            "--save-embeddings".into(),
+            quote(&dir.display().to_string()),
+        ]);
     }
     if let Some(dir) = &args.open_set {
         parts.extend([
@@ -144,11 +157,24 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
         .flat_map(|&k| (0..args.seeds).map(move |seed| (k, seed)))
         .map(|(k, seed)| (k, seed, protocol::split(&ds, k, seed)))
         .collect();
+    let dump_steps = if args.save_embeddings.is_some() {
+        ds.images() as u64
+    } else {
+        0
+    };
     let total = plan
         .iter()
         .map(|p| protocol::steps(&p.2, args.heads.len(), strangers.len()))
-        .sum();
+        .sum::<u64>()
+        + dump_steps;
     let pb = output::progress(total, "steps", ctx.json);
+    if let Some(dir) = &args.save_embeddings {
+        let tenant = format!("eval-{pid}-{}-all", protocol::clean_name(&ds.name));
+        let conn = base
+            .with_auth(Auth::new(Some(&tenant), ctx.token.as_deref())?.with_timeout(ctx.timeout));
+        dump::embeddings(&conn, &ds, dir, &pb).await?;
+        dump::splits(&ds, dir, &plan)?;
+    }
     let mut runs: Vec<SeedRun> = Vec::new();
     let mut notes = Vec::new();
     let mut model = String::new();
@@ -204,6 +230,9 @@ pub async fn run(ctx: &mut Ctx<'_>, args: Args) -> Result<Outcome> {
         open_set: args.open_set.as_deref(),
     };
     write_outputs(&out_dir, &cx, &runs)?;
+    if let Some(dir) = &args.save_embeddings {
+        dump::predictions(&ds, dir, &plan, &runs)?;
+    }
     summarize(ctx, &cx, &runs, &out_dir, args.min_default_child)
 }
 

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -18,9 +17,6 @@ use crate::commands::enroll::enroll_class;
 use crate::connect::Conn;
 use crate::dataset::Dataset;
 use crate::error::Result;
-
-/// Enroll streams in flight at once: enough to keep the feature-server's batches full.
-const ENROLL_CONCURRENCY: usize = 4;
 
 /// Which photos train and which test, for one (k, seed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,11 +55,15 @@ pub fn split(ds: &Dataset, k: usize, seed: u64) -> Split {
 
 /// `eval-<pid>-<dataset>-k<k>-s<seed>`: unique per run, readable in the server's logs.
 pub fn tenant_name(pid: u32, dataset: &str, k: usize, seed: u64) -> String {
-    let clean: String = dataset
+    format!("eval-{pid}-{}-k{k}-s{seed}", clean_name(dataset))
+}
+
+/// A dataset's name with anything but ASCII letters and digits as `_`, for a tenant name.
+pub fn clean_name(dataset: &str) -> String {
+    dataset
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    format!("eval-{pid}-{clean}-k{k}-s{seed}")
+        .collect()
 }
 
 /// One head's answers on one split; `head` is empty for the live (default) head.
@@ -112,7 +112,7 @@ pub async fn run_one(
     let jobs: Vec<usize> = (0..ds.children.len())
         .filter(|&i| !split.train[i].is_empty())
         .collect();
-    let Some((&last, rest)) = jobs.split_last() else {
+    let Some(&last) = jobs.last() else {
         return Ok(SeedRun {
             k,
             seed,
@@ -122,27 +122,28 @@ pub async fn run_one(
             wall_s: 0.0,
         });
     };
-    let enroll = |i: usize, wait: bool| {
+    // One class at a time, in the dataset's order: classes then get their ids, and examples
+    // their rows, in the same order on every run, which the trained heads' seeded
+    // initialisation depends on. (Every photo is usually cached by then: see `dump`.)
+    let mut rejected = 0;
+    for &i in &jobs {
         let c = &ds.children[i];
-        enroll_class(conn, &c.name, &c.parent, wait, &split.train[i], pb)
-    };
-    let done: Vec<_> = futures::stream::iter(rest.iter().map(|&i| enroll(i, false)))
-        .buffer_unordered(ENROLL_CONCURRENCY)
-        .try_collect()
-        .await?;
-    // The last class alone, waiting: the live head then includes every class's photos.
-    let last_done = enroll(last, true).await?;
-    let rejected = done
-        .iter()
-        .chain([&last_done])
-        .map(|e| e.response.rejected.len() as u32)
-        .sum();
+        // The last class waits for the trained head, so that no training job of the enrolls
+        // is still running when the head below is trained.
+        let wait = i == last;
+        let done = enroll_class(conn, &c.name, &c.parent, wait, &split.train[i], pb).await?;
+        rejected += done.response.rejected.len() as u32;
+    }
+    // The live head, trained again from the examples alone: the heads trained while classes
+    // arrived warm-start one another, and which of them ran depends on timing.
+    pb.set_message(format!("{label}: training the default head"));
+    let live = train(conn, "").await?;
 
     let photos: Vec<PathBuf> = split.test.iter().map(|(_, p)| p.clone()).collect();
     let mut runs = Vec::new();
     pb.set_message(format!("{label}: classifying (live head)"));
     let answers = classify_many(conn, &photos, 1, "", pb).await?;
-    runs.push(head_run(ds, split, String::new(), None, &answers));
+    runs.push(head_run(ds, split, String::new(), Some(live), &answers));
     let strangers: Vec<Stranger> = if strangers.is_empty() {
         Vec::new()
     } else {
@@ -159,21 +160,10 @@ pub async fn run_one(
     };
     for head in heads {
         pb.set_message(format!("{label}: training {head}"));
-        let trained = conn
-            .classifier()
-            .train(TrainRequest { head: head.clone() })
-            .await
-            .map_err(conn.rpc_error("Train"))?
-            .into_inner();
+        let train_ms = train(conn, head).await?;
         pb.set_message(format!("{label}: classifying ({head})"));
         let answers = classify_many(conn, &photos, 1, head, pb).await?;
-        runs.push(head_run(
-            ds,
-            split,
-            head.clone(),
-            Some(trained.train_ms),
-            &answers,
-        ));
+        runs.push(head_run(ds, split, head.clone(), Some(train_ms), &answers));
     }
     Ok(SeedRun {
         k,
@@ -183,6 +173,20 @@ pub async fn run_one(
         rejected,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Trains a head of `kind` (empty: the default kind) from scratch; its training time in ms.
+async fn train(conn: &Conn, kind: &str) -> Result<f64> {
+    let trained = conn
+        .classifier()
+        .train(TrainRequest {
+            head: kind.to_string(),
+            from_scratch: true,
+        })
+        .await
+        .map_err(conn.rpc_error("Train"))?
+        .into_inner();
+    Ok(trained.train_ms)
 }
 
 fn head_run(
@@ -219,6 +223,7 @@ fn head_run(
                 branch_parent: ok.and_then(|c| c.parent_branch.as_ref().map(|p| p.name.clone())),
                 decision: ok.map(|c| decision_name(c.decision)),
                 similarity: ok.map(|c| c.similarity),
+                confidence: top.map(|s| s.probability),
             }
         })
         .collect();

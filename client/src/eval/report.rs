@@ -21,6 +21,8 @@ pub struct HeadSummary {
     pub parent_branch: Option<(f64, f64)>,
     pub severity: (f64, f64),
     pub train_ms: Option<(f64, f64)>,
+    /// Expected calibration error of the top-1 probability, points.
+    pub ece: (f64, f64),
     /// Mean rates of the decisions child / parent / unknown.
     pub decisions: [f64; 3],
 }
@@ -58,6 +60,7 @@ pub fn summarize(runs: &[SeedRun], k: usize, head: &str) -> Option<HeadSummary> 
         parent_branch: branches.map(|b| metrics::mean_std(&b)),
         severity: stat(&|s| s.severity),
         train_ms: trains.map(|t| metrics::mean_std(&t)),
+        ece: stat(&|s| s.ece),
         decisions: [0, 1, 2].map(|i| stat(&|s| s.decisions[i]).0),
     })
 }
@@ -118,8 +121,12 @@ pub fn markdown(cx: &Context, runs: &[SeedRun]) -> String {
         "Top-1 %, mean ± std over seeds (population std, as numpy). *parent (via child)*: the \
          parent of the predicted child; *parent (branch)*: the hierarchical head's own parent \
          branch; *severity*: % of test photos with the wrong child AND the wrong parent (via \
-         child) — lower is better; *train ms*: the Train call's own training time (the default \
-         head is trained in the background as photos arrive, so it has none).\n"
+         child) — lower is better; *ECE*: expected calibration error of the top-1 probability \
+         ({} bins), in points — lower is better; *train ms*: the Train call's own training \
+         time. Every head, the default included, is trained from scratch on the seed's \
+         examples (enrolled one class at a time in the dataset's order), so two runs of this \
+         command print the same numbers.\n",
+        metrics::ECE_BINS
     );
     for &k in cx.shots {
         k_section(&mut s, cx, runs, k);
@@ -158,18 +165,19 @@ fn k_section(s: &mut String, cx: &Context, runs: &[SeedRun], k: usize) {
     let _ = writeln!(s, "## k = {k} ({tests} test photos per seed)\n");
     let _ = writeln!(
         s,
-        "| head | child top-1 | parent (via child) | parent (branch) | severity | train ms |"
+        "| head | child top-1 | parent (via child) | parent (branch) | severity | ECE | train ms |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for r in &rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             r.display_name(),
             pm(r.child),
             pm(r.parent_via_child),
             opt(r.parent_branch),
             pm(r.severity),
+            pm(r.ece),
             opt(r.train_ms)
         );
     }
@@ -219,8 +227,12 @@ fn side_by_side(s: &mut String, rows: &[HeadSummary], a: &Anchor) {
     ));
     let _ = writeln!(
         s,
-        "Against the PyTorch anchors (same protocol, embeddings of MobileNetV2 with the real \
-         ImageNet weights: comparable only when the model above runs those weights):\n"
+        "The product against PyTorch's heads (../shared/anchors/heads-pytorch.md), the \
+         comparison a user makes, **not like for like**: Taxon's embeddings average four views \
+         of each photo, PyTorch's are one center crop, and the splits are drawn by other \
+         random generators (and only comparable when the model above is MobileNetV2 with the \
+         real ImageNet weights). Heads on the same embeddings and splits: `same-embeddings.md`, \
+         written by scripts/anchors/same_embeddings.py from `--save-embeddings`.\n"
     );
     let _ = writeln!(s, "| comparison | Taxon | PyTorch | Δ |");
     let _ = writeln!(s, "|---|---|---|---|");
@@ -246,10 +258,15 @@ fn summary_vs_pytorch(s: &mut String, cx: &Context, runs: &[SeedRun]) {
         );
         return;
     };
-    let _ = writeln!(s, "## Default head against the best PyTorch column\n");
     let _ = writeln!(
         s,
-        "PyTorch: {anchor_seeds} seeds, ../shared/anchors/heads-pytorch.md.\n"
+        "## Default head against the best PyTorch column (not like for like)\n"
+    );
+    let _ = writeln!(
+        s,
+        "PyTorch: {anchor_seeds} seeds, ../shared/anchors/heads-pytorch.md, one center crop per \
+         photo and its own splits; Taxon: four views per photo. For the comparison on the same \
+         embeddings and splits see `same-embeddings.md`.\n"
     );
     let _ = writeln!(s, "| k | default head | best PyTorch | Δ | beats it |");
     let _ = writeln!(s, "|---|---|---|---|---|");

@@ -204,7 +204,12 @@ impl Core {
             tenant = %tenant_name, class = %class, accepted = acc.accepted, cached = acc.cached,
             rejected = acc.rejected.len(), examples = outcome.examples, revision = outcome.revision, "enrolled"
         );
-        self.written(&tenant, &model.id, true).await?;
+        let estimate_of = class.clone();
+        let estimate = self
+            .written_with(&tenant, &model.id, true, move |snap| {
+                super::report::class_estimate(snap, &estimate_of)
+            })
+            .await?;
         let m = &self.metrics;
         m.photos(
             "embedded",
@@ -230,6 +235,7 @@ impl Core {
             examples: outcome.examples,
             head: self.live(&tenant, &model.id),
             time_to_live,
+            estimate,
         })
     }
 

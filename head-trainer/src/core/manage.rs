@@ -75,13 +75,22 @@ impl Core {
         Ok(self.live(&tenant, &model.id))
     }
 
-    /// Trains a head of `kind` (the default kind when `None`) now, and makes it live.
-    pub async fn train(&self, caller: &Caller, kind: Option<HeadKind>) -> Result<Trained> {
+    /// Trains a head of `kind` (the default kind when `None`) now, and makes it live. With
+    /// `from_scratch` it is not warm-started from the previous head of its kind.
+    pub async fn train(
+        &self,
+        caller: &Caller,
+        kind: Option<HeadKind>,
+        from_scratch: bool,
+    ) -> Result<Trained> {
         self.admit(caller)?;
         let model = self.model()?;
         let tenant = self.tenant(&caller.tenant, &model).await?;
         let kind = self.kind_or_default(kind);
-        let head = self.trainer.train(&tenant, &model.id, kind).await?;
+        let head = self
+            .trainer
+            .train(&tenant, &model.id, kind, from_scratch)
+            .await?;
         Ok(Trained {
             kind,
             version: head.meta.version,

@@ -11,6 +11,7 @@ mod cache;
 mod classify;
 mod enroll;
 mod manage;
+pub mod report;
 mod transfer;
 mod types;
 
@@ -244,11 +245,23 @@ impl Core {
     /// After a write: publishes the tenant's new taxonomy and prototype and, when the
     /// examples changed, asks for the trained head to be rebuilt.
     async fn written(&self, tenant: &Arc<Tenant>, model: &str, retrain: bool) -> Result<()> {
-        self.tenants.refresh(tenant, model).await?;
+        self.written_with(tenant, model, retrain, |_| Ok(())).await
+    }
+
+    /// [`Core::written`], also computing `f` on the snapshot the refresh read (no second
+    /// read of the store).
+    async fn written_with<T: Send + 'static>(
+        &self,
+        tenant: &Arc<Tenant>,
+        model: &str,
+        retrain: bool,
+        f: impl FnOnce(&crate::store::Snapshot) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let out = self.tenants.refresh_with(tenant, model, f).await?;
         if retrain {
             self.trainer.schedule(tenant, model);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// The head answering requests that name none.

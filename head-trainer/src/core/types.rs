@@ -69,6 +69,9 @@ pub struct Enrolled {
     pub head: Option<HeadRef>,
     /// From the last photo to the trained head being live, when the caller waited for it.
     pub time_to_live: Option<Duration>,
+    /// The class's leave-one-out accuracy among the tenant's classes after the write (see
+    /// [`crate::quality`]); `None` below two examples or with no other class.
+    pub estimate: Option<f32>,
 }
 
 /// One image to classify.
@@ -169,4 +172,54 @@ pub struct Imported {
     pub heads: Vec<String>,
     /// The head answering now.
     pub head: Option<HeadRef>,
+}
+
+/// How well a tenant's classes are learned, from its cached embeddings (see
+/// [`crate::quality`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QualityReport {
+    /// Leaf classes, by (parent, name).
+    pub classes: Vec<ClassReport>,
+    /// Most confused pairs first.
+    pub confused: Vec<Confusion>,
+    /// Examples nearer another class's mean than their own, largest margin first.
+    pub suspects: Vec<Suspect>,
+    /// Examples checked (those of classes with two or more) and of those classified right.
+    pub checked: u32,
+    pub right: u32,
+    /// The model identity of the embeddings.
+    pub model: String,
+}
+
+/// One class in a [`QualityReport`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassReport {
+    pub name: String,
+    pub parent: Option<String>,
+    pub examples: u32,
+    /// Leave-one-out accuracy, `None` for a class of one example.
+    pub accuracy: Option<f32>,
+    /// The class its photos were most often taken for, and how many times.
+    pub confused_with: Option<(String, u32)>,
+    pub needs_more_photos: bool,
+}
+
+/// Two classes taken for each other, in a [`QualityReport`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Confusion {
+    pub a: String,
+    pub b: String,
+    pub a_as_b: u32,
+    pub b_as_a: u32,
+}
+
+/// A photo that looks mislabelled: nearer another class's mean than its own class's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Suspect {
+    pub class: String,
+    /// The photo's sha256 (photos are not stored: the caller finds it by hashing its files).
+    pub hash: crate::store::Hash,
+    pub nearer: String,
+    pub own_similarity: f32,
+    pub nearer_similarity: f32,
 }

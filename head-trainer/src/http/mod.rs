@@ -20,6 +20,7 @@ mod extract;
 mod openapi;
 mod page;
 mod probes;
+mod report;
 mod tls;
 mod wire;
 
@@ -96,6 +97,7 @@ pub fn router(api: Arc<Api>) -> Router {
             "/v1/classify",
             post(classify::classify).layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/report", get(report::report))
         .route("/healthz", get(probes::healthz))
         .route("/readyz", get(probes::readyz))
         .route("/openapi.json", get(openapi::document))

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{classes, classify, probes, wire};
+use super::{classes, classify, probes, report, wire};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,12 +16,14 @@ use super::{classes, classify, probes, wire};
     ),
     paths(
         classes::list, classes::add_photos, classes::rename, classes::remove,
-        classify::classify, probes::healthz, probes::readyz, probes::info,
+        classify::classify, probes::healthz, probes::readyz, probes::info, report::report,
     ),
     components(schemas(
         wire::ErrorJson, wire::ClassJson, wire::ClassesJson, wire::RejectedJson,
         wire::EnrolledJson, wire::ChildJson, wire::ParentJson, wire::ClassifiedJson,
         wire::RenameJson, wire::HeadJson, wire::RemovedJson, wire::InfoJson, wire::ProbeJson,
+        report::ReportJson, report::ClassQualityJson, report::ConfusedPairJson,
+        report::SuspectJson,
     )),
     modifiers(&BearerAuth),
 )]

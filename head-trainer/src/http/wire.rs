@@ -83,6 +83,9 @@ pub struct EnrolledJson {
     pub head_version: Option<u64>,
     /// With `wait=true`: milliseconds from the last photo to the trained head being live.
     pub time_to_live_ms: Option<u64>,
+    /// The class's leave-one-out accuracy (0..1) among the tenant's classes (see
+    /// `/v1/report`); null below two photos or with no other class.
+    pub estimated_accuracy: Option<f32>,
 }
 
 impl From<Enrolled> for EnrolledJson {
@@ -108,6 +111,7 @@ impl From<Enrolled> for EnrolledJson {
             time_to_live_ms: e
                 .time_to_live
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            estimated_accuracy: e.estimate,
         }
     }
 }

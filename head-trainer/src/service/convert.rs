@@ -6,7 +6,7 @@ use taxon_proto::v1 as pb;
 use crate::Result;
 use crate::core::{
     ClassList, ClassScore, Classification, EnrollStart, Enrolled, HeadRef, Imported, Label,
-    Removed, Trained,
+    QualityReport, Removed, Trained,
 };
 use crate::heads::HeadKind;
 
@@ -59,6 +59,7 @@ impl From<Enrolled> for pb::EnrollResponse {
             time_to_live_ms: e
                 .time_to_live
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            estimated_accuracy: e.estimate,
         }
     }
 }
@@ -152,6 +153,58 @@ impl From<Imported> for pb::ImportResponse {
             classes: i.classes,
             examples: i.examples,
             heads: i.heads,
+        }
+    }
+}
+
+impl From<QualityReport> for pb::ReportResponse {
+    fn from(r: QualityReport) -> Self {
+        Self {
+            classes: r
+                .classes
+                .into_iter()
+                .map(|c| {
+                    let (confused_with, confused_count) = c.confused_with.unwrap_or_default();
+                    pb::ClassQuality {
+                        name: c.name,
+                        parent: c.parent.unwrap_or_default(),
+                        examples: c.examples,
+                        accuracy: c.accuracy,
+                        confused_with,
+                        confused_count,
+                        needs_more_photos: c.needs_more_photos,
+                    }
+                })
+                .collect(),
+            confused: r
+                .confused
+                .into_iter()
+                .map(|p| pb::ConfusedPair {
+                    a: p.a,
+                    b: p.b,
+                    a_taken_for_b: p.a_as_b,
+                    b_taken_for_a: p.b_as_a,
+                })
+                .collect(),
+            suspects: r
+                .suspects
+                .into_iter()
+                .map(|s| pb::SuspectPhoto {
+                    class_name: s.class,
+                    sha256: s.hash.iter().map(|b| format!("{b:02x}")).collect(),
+                    nearer_class: s.nearer,
+                    own_similarity: s.own_similarity,
+                    nearer_similarity: s.nearer_similarity,
+                })
+                .collect(),
+            checked: r.checked,
+            accuracy: if r.checked == 0 {
+                0.0
+            } else {
+                r.right as f32 / r.checked as f32
+            },
+            model: r.model,
+            method: crate::core::report::METHOD.to_string(),
         }
     }
 }

@@ -223,10 +223,21 @@ impl Classifier for ClassifierService {
     async fn train(&self, req: Request<TrainRequest>) -> Result<Response<TrainResponse>, Status> {
         let caller = caller(&req)?;
         let trained = self.cut_off(async {
-            let kind = convert::head_kind(&req.get_ref().head)?;
-            self.core.train(&caller, kind).await
+            let r = req.get_ref();
+            let kind = convert::head_kind(&r.head)?;
+            self.core.train(&caller, kind, r.from_scratch).await
         });
         Ok(Response::new(trained.await?.into()))
+    }
+
+    async fn report(
+        &self,
+        req: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let caller = caller(&req)?;
+        let max = req.get_ref().max_suspects as usize;
+        let report = self.cut_off(self.core.report(&caller, max));
+        Ok(Response::new(report.await?.into()))
     }
 
     type ExportStream = FileStream;
