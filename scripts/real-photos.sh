@@ -61,3 +61,32 @@ server="http://127.0.0.1:$hport"
   --save-embeddings target/eval-ci/embeddings --out target/eval-ci
 echo "--- the default head against heads from outside, on the same embeddings and splits"
 scripts/anchors/run.sh target/eval-ci/embeddings --out target/eval-ci/same-embeddings.md --gate
+
+echo "--- client report on a pets tenant where one beagle photo is filed under Sphynx (a cat)"
+copy="$work/pets-mislabelled"
+cp -r "$datasets/pets" "$copy"
+stray=$(find "$copy/dog/beagle" -name '*.jpg' | sort | head -1)
+mv "$stray" "$copy/cat/Sphynx/"
+stray="$copy/cat/Sphynx/$(basename "$stray")"
+"$bin/client" --server "$server" --tenant report-check --json enroll --dataset "$copy" >/dev/null
+"$bin/client" --server "$server" --tenant report-check report "$copy" --max-suspects 10 |
+  tee target/eval-ci/report.txt
+"$bin/client" --server "$server" --tenant report-check --json report "$copy" --max-suspects 10 \
+  >target/eval-ci/report.json
+python3 - "$stray" target/eval-ci/report.json <<'PY'
+import json, sys
+stray, report = sys.argv[1], json.load(open(sys.argv[2]))
+hit = [s for s in report["suspects"] if s["file"] == stray]
+assert hit, f"{stray} is not among the suspects: {report['suspects']}"
+classes = {c["name"]: c for c in report["classes"]}
+nearer = hit[0]["nearer_class"]
+# The photo shows a beagle: nearer some dog breed's mean (beagle or a look-alike hound) than
+# any cat's, and the most suspect photo of the whole tenant.
+assert hit[0]["class"] == "Sphynx" and classes[nearer]["parent"] == "dog", hit
+rank = report["suspects"].index(hit[0]) + 1
+assert rank == 1, f"suspect {rank}, not the first: {report['suspects'][:rank]}"
+sphynx = classes["Sphynx"]
+print(f"the beagle filed as Sphynx is suspect {rank} of {len(report['suspects'])}, nearer "
+      f"{nearer}; Sphynx estimated {100 * sphynx['accuracy']:.0f} % over {sphynx['examples']} "
+      f"photos; tenant {100 * report['accuracy']:.1f} % over {report['checked']}")
+PY
