@@ -81,55 +81,69 @@ fn leave_out_rows(
     }
     let all = Tensor::from_slice(x, (n, dim), &Device::Cpu)?;
     let rows = l2_normalize(&all.broadcast_sub(&all.mean_keepdim(0)?)?)?;
-    let sums = crate::heads::train::one_hot(y, classes)?
-        .t()?
-        .matmul(&rows)?; // classes x dim
+    let sums = crate::heads::train::class_sums(&rows, y, classes)?; // classes x dim
     let sum_norms: Vec<f32> = sums.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
     let picked: Vec<usize> = (0..n).filter(|&i| wanted(y[i])).collect();
     if picked.is_empty() {
         return Ok(Vec::new());
     }
-    let index = Tensor::from_vec(
-        picked.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-        picked.len(),
-        &Device::Cpu,
-    )?;
-    // Dot products of each picked row with every class sum: one matrix product.
-    let dots: Vec<Vec<f32>> = rows
-        .index_select(&index, 0)?
-        .matmul(&sums.t()?)?
-        .to_vec2()?;
+    // Dot products of the picked rows with every class sum, a block of rows at a time so
+    // that the block's `rows x classes` matrix stays small whatever the tenant's size.
+    let sums_t = sums.t()?;
     let mut out = Vec::with_capacity(picked.len());
-    for (&row, dot) in picked.iter().zip(&dots) {
-        let class = y[row];
-        let c = class as usize;
-        if counts[c] < 2 {
-            continue;
+    for block in picked.chunks(ROWS_PER_BLOCK) {
+        let index = Tensor::from_vec(
+            block.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            block.len(),
+            &Device::Cpu,
+        )?;
+        let dots: Vec<Vec<f32>> = rows.index_select(&index, 0)?.matmul(&sums_t)?.to_vec2()?;
+        for (&row, dot) in block.iter().zip(&dots) {
+            if let Some(checked) = check(row, y[row], dot, &counts, &sum_norms) {
+                out.push(checked);
+            }
         }
-        // The own sum without this (unit) row: dot - 1, norm^2 = |S|^2 - 2 dot + 1.
-        let own_norm = (sum_norms[c].powi(2) - 2.0 * dot[c] + 1.0).max(0.0).sqrt();
-        let own = if own_norm > 1e-6 {
-            (dot[c] - 1.0) / own_norm
-        } else {
-            0.0
-        };
-        let nearest_other = (0..classes)
-            .filter(|&k| k != c && counts[k] > 0 && sum_norms[k] > 1e-6)
-            .map(|k| (k as u32, dot[k] / sum_norms[k]))
-            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
-        let predicted = match nearest_other {
-            Some((k, sim)) if sim > own => k,
-            _ => class,
-        };
-        out.push(Checked {
-            row,
-            class,
-            predicted,
-            own,
-            nearest_other,
-        });
     }
     Ok(out)
+}
+
+/// Rows whose dot products with every class sum are held at once.
+const ROWS_PER_BLOCK: usize = 512;
+
+/// One row against every class mean, its own without it; `None` alone in its class.
+fn check(
+    row: usize,
+    class: u32,
+    dot: &[f32],
+    counts: &[u32],
+    sum_norms: &[f32],
+) -> Option<Checked> {
+    let c = class as usize;
+    if counts[c] < 2 {
+        return None;
+    }
+    // The own sum without this (unit) row: dot - 1, norm^2 = |S|^2 - 2 dot + 1.
+    let own_norm = (sum_norms[c].powi(2) - 2.0 * dot[c] + 1.0).max(0.0).sqrt();
+    let own = if own_norm > 1e-6 {
+        (dot[c] - 1.0) / own_norm
+    } else {
+        0.0
+    };
+    let nearest_other = (0..counts.len())
+        .filter(|&k| k != c && counts[k] > 0 && sum_norms[k] > 1e-6)
+        .map(|k| (k as u32, dot[k] / sum_norms[k]))
+        .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+    let predicted = match nearest_other {
+        Some((k, sim)) if sim > own => k,
+        _ => class,
+    };
+    Some(Checked {
+        row,
+        class,
+        predicted,
+        own,
+        nearest_other,
+    })
 }
 
 /// One class's estimate.

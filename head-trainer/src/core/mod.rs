@@ -53,6 +53,9 @@ pub struct Core {
     cache: Mutex<EmbeddingLru>,
     /// Each tenant's request rate and concurrent enrolls.
     admission: Admission,
+    /// One quality report at a time: each holds a copy of a tenant's embeddings (up to the
+    /// examples quota), so concurrent reports must not add up.
+    reports: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
 }
 
@@ -89,6 +92,7 @@ impl Core {
             uploads,
             cache,
             admission,
+            reports: tokio::sync::Semaphore::new(1),
             metrics,
         }
     }

@@ -133,6 +133,11 @@ impl Core {
         } else {
             max_suspects
         };
+        let _one_at_a_time = self
+            .reports
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         let (t, m) = (caller.tenant.clone(), model.id.clone());
         self.blocking("report", move |store| {
             let snap = store.snapshot(&t, Some(&m))?;

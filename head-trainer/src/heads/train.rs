@@ -235,6 +235,16 @@ pub fn prototype_layer(features: &Tensor, y: &[u32], classes: usize) -> Result<(
     Ok((w, b))
 }
 
+/// Per class, the sum of its rows of `x` (`n x dim`): `classes x dim`. Added row by row,
+/// not as one-hot^T x, whose `n x classes` matrix alone is 80 MB for a tenant at the
+/// examples quota with a thousand classes. (The heads still use the one-hot product: moving
+/// them changes float rounding under the committed evaluation, so it waits for a re-run.)
+pub fn class_sums(x: &Tensor, y: &[u32], classes: usize) -> Result<Tensor> {
+    let dim = x.dim(1)?;
+    let index = Tensor::from_slice(y, y.len(), x.device())?;
+    Ok(Tensor::zeros((classes, dim), x.dtype(), x.device())?.index_add(&index, x, 0)?)
+}
+
 /// `n x classes` one-hot matrix of labels.
 pub fn one_hot(y: &[u32], classes: usize) -> Result<Tensor> {
     let mut m = vec![0f32; y.len() * classes];
