@@ -187,7 +187,14 @@ pub struct Tenants {
     max_loaded: usize,
     clock: AtomicU64,
     map: Mutex<HashMap<String, Arc<Tenant>>>,
+    /// Places for reading a tenant's examples whole and building its prototype: each holds
+    /// several copies of the tenant's embeddings for a moment (about 300 MB at 6,000
+    /// examples), so concurrent enrolls must not each hold theirs at once.
+    rebuilds: tokio::sync::Semaphore,
 }
+
+/// Tenants read whole at once (see `Tenants::rebuilds`).
+const CONCURRENT_REBUILDS: usize = 2;
 
 impl Tenants {
     pub fn new(store: Arc<dyn Store>, opts: TrainOptions, max_loaded: usize) -> Self {
@@ -197,7 +204,25 @@ impl Tenants {
             max_loaded: max_loaded.max(1),
             clock: AtomicU64::new(0),
             map: Mutex::new(HashMap::new()),
+            rebuilds: tokio::sync::Semaphore::new(CONCURRENT_REBUILDS),
         }
+    }
+
+    /// Runs `f` (which reads a tenant whole) on the blocking pool, in one of the
+    /// [`CONCURRENT_REBUILDS`] places.
+    async fn rebuild<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let _place = self
+            .rebuilds
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Error::Store(format!("{what}: {e}")))?
     }
 
     /// Tenants now in memory.
@@ -250,9 +275,11 @@ impl Tenants {
         }
         let store = Arc::clone(&self.store);
         let (tenant, model, opts) = (name.to_string(), model.to_string(), self.opts.clone());
-        let set = tokio::task::spawn_blocking(move || load(store.as_ref(), &tenant, &model, &opts))
-            .await
-            .map_err(|e| Error::Store(format!("loading tenant: {e}")))??;
+        let set = self
+            .rebuild("loading tenant", move || {
+                load(store.as_ref(), &tenant, &model, &opts)
+            })
+            .await?;
         let mut map = self
             .map
             .lock()
@@ -314,24 +341,24 @@ impl Tenants {
         let known_seq = known.taxonomy.seq;
         let store = Arc::clone(&self.store);
         let (name, model, opts) = (tenant.name.clone(), model.to_string(), self.opts.clone());
-        let fresh = tokio::task::spawn_blocking(move || -> Result<_> {
-            let Some(now) = store.versions(&name)? else {
-                return Ok(None);
-            };
-            if now.seq <= known_seq {
-                return Ok(None);
-            }
-            let snap = store.snapshot(&name, Some(&model))?;
-            let prototype = prototype_of(&snap, &model, &opts)?;
-            let heads = if now.head_seq > known_head {
-                stored_heads(store.as_ref(), &name)?
-            } else {
-                HashMap::new()
-            };
-            Ok(Some((snap.taxonomy, prototype, heads)))
-        })
-        .await
-        .map_err(|e| Error::Store(format!("syncing tenant: {e}")))??;
+        let fresh = self
+            .rebuild("syncing tenant", move || -> Result<_> {
+                let Some(now) = store.versions(&name)? else {
+                    return Ok(None);
+                };
+                if now.seq <= known_seq {
+                    return Ok(None);
+                }
+                let snap = store.snapshot(&name, Some(&model))?;
+                let prototype = prototype_of(&snap, &model, &opts)?;
+                let heads = if now.head_seq > known_head {
+                    stored_heads(store.as_ref(), &name)?
+                } else {
+                    HashMap::new()
+                };
+                Ok(Some((snap.taxonomy, prototype, heads)))
+            })
+            .await?;
         let Some((taxonomy, prototype, heads)) = fresh else {
             return Ok(false);
         };
@@ -352,9 +379,11 @@ impl Tenants {
         }
         let store = Arc::clone(&self.store);
         let (n, m, opts) = (name.to_string(), model.to_string(), self.opts.clone());
-        let set = tokio::task::spawn_blocking(move || load(store.as_ref(), &n, &m, &opts))
-            .await
-            .map_err(|e| Error::Store(format!("reloading tenant: {e}")))??;
+        let set = self
+            .rebuild("reloading tenant", move || {
+                load(store.as_ref(), &n, &m, &opts)
+            })
+            .await?;
         tenant.publish_set(set);
         Ok(tenant)
     }
@@ -373,14 +402,14 @@ impl Tenants {
     ) -> Result<T> {
         let store = Arc::clone(&self.store);
         let (name, model, opts) = (tenant.name.clone(), model.to_string(), self.opts.clone());
-        let (taxonomy, prototype, out) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let snap = store.snapshot(&name, Some(&model))?;
-            let proto = prototype_of(&snap, &model, &opts)?;
-            let out = f(&snap)?;
-            Ok((snap.taxonomy, proto, out))
-        })
-        .await
-        .map_err(|e| Error::Store(format!("refreshing tenant: {e}")))??;
+        let (taxonomy, prototype, out) = self
+            .rebuild("refreshing tenant", move || -> Result<_> {
+                let snap = store.snapshot(&name, Some(&model))?;
+                let proto = prototype_of(&snap, &model, &opts)?;
+                let out = f(&snap)?;
+                Ok((snap.taxonomy, proto, out))
+            })
+            .await?;
         tenant.publish_taxonomy(taxonomy, prototype);
         Ok(out)
     }
