@@ -143,7 +143,8 @@ pub struct ClassifiedJson {
     pub children: Vec<ChildJson>,
     /// The most probable group (a parent, or a top-level class scoring for itself).
     pub parent: ParentJson,
-    /// Cosine to the nearest class mean, what the unknown decision looks at.
+    /// Highest uncentred cosine to a class mean, what the unknown decision compares with the
+    /// tenant's own cut-off.
     pub similarity: f32,
     pub head: String,
     pub head_version: u64,
