@@ -16,6 +16,9 @@ pub struct Config {
     pub features_urls: Vec<String>,
     /// Directory of the embedded store (`taxon.redb`); unused with `database_url`.
     pub data_dir: PathBuf,
+    /// Page cache of the embedded store, in bytes: redb's own default is 1 GiB, which would
+    /// take the whole memory budget as the file grows.
+    pub store_cache_bytes: usize,
     /// PostgreSQL instead of the embedded store: several head-trainers share one database.
     pub database_url: Option<String>,
     /// Pool size, connection timeout and TLS trust for `database_url`.
@@ -88,6 +91,7 @@ impl Config {
         Self {
             features_urls,
             data_dir: data_dir.into(),
+            store_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             database_url: None,
             database: crate::store::PoolOptions::default(),
             tokens_file: None,
@@ -165,6 +169,7 @@ impl Config {
             ("--max-training-jobs", self.max_training_jobs),
             ("--max-concurrent-uploads", self.max_concurrent_uploads),
             ("--max-loaded-tenants", self.max_loaded_tenants),
+            ("--store-cache-bytes", self.store_cache_bytes),
             (
                 "--database-max-connections",
                 self.database.max_connections as usize,
@@ -246,6 +251,10 @@ pub struct Args {
     /// Directory of the embedded store (one head-trainer); unused with --database-url.
     #[arg(long, env = "TAXON_DATA", default_value = "./data")]
     pub data: PathBuf,
+    /// Page cache of the embedded store, in bytes (redb's own default, 1 GiB, would outgrow
+    /// the memory budget); unused with --database-url.
+    #[arg(long, env = "TAXON_STORE_CACHE_BYTES", default_value_t = crate::store::DEFAULT_CACHE_BYTES)]
+    pub store_cache_bytes: usize,
     /// PostgreSQL store shared by several head-trainers, instead of --data:
     /// `postgres://user:password@host:5432/db?sslmode=require`. `sslmode` is disable, prefer
     /// (the default: TLS when the server offers it) or require; the certificate is always
@@ -407,6 +416,7 @@ impl Args {
         c.features_tls.cert = self.features_tls_cert.clone();
         c.features_tls.key = self.features_tls_key.clone();
         c.database_url = self.database_url.clone();
+        c.store_cache_bytes = self.store_cache_bytes;
         c.database = crate::store::PoolOptions {
             max_connections: self.database_max_connections,
             timeout: seconds("--database-timeout-s", self.database_timeout_s)?,

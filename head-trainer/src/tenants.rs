@@ -188,13 +188,15 @@ pub struct Tenants {
     clock: AtomicU64,
     map: Mutex<HashMap<String, Arc<Tenant>>>,
     /// Places for reading a tenant's examples whole and building its prototype: each holds
-    /// several copies of the tenant's embeddings for a moment (about 300 MB at 6,000
-    /// examples), so concurrent enrolls must not each hold theirs at once.
+    /// several copies of the tenant's embeddings for a moment (a few hundred MB at 6,000
+    /// examples), so concurrent enrolls must not each hold theirs at once. One: the build
+    /// takes milliseconds for a tenant of hundreds of photos, and the training jobs (at most
+    /// `--max-training-jobs`) hold copies of their own meanwhile.
     rebuilds: tokio::sync::Semaphore,
 }
 
 /// Tenants read whole at once (see `Tenants::rebuilds`).
-const CONCURRENT_REBUILDS: usize = 2;
+const CONCURRENT_REBUILDS: usize = 1;
 
 impl Tenants {
     pub fn new(store: Arc<dyn Store>, opts: TrainOptions, max_loaded: usize) -> Self {

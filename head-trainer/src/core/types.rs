@@ -191,6 +191,17 @@ pub struct QualityReport {
     pub model: String,
 }
 
+impl QualityReport {
+    /// The share of checked photos classified right (0 when none could be checked).
+    pub fn accuracy(&self) -> f32 {
+        if self.checked == 0 {
+            0.0
+        } else {
+            self.right as f32 / self.checked as f32
+        }
+    }
+}
+
 /// One class in a [`QualityReport`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClassReport {
@@ -222,4 +233,11 @@ pub struct Suspect {
     pub nearer: String,
     pub own_similarity: f32,
     pub nearer_similarity: f32,
+}
+
+impl Suspect {
+    /// The photo's sha256 in lowercase hex, as a caller computes it from its file.
+    pub fn sha256_hex(&self) -> String {
+        self.hash.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }

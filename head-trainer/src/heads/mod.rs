@@ -227,7 +227,10 @@ impl Head {
         let mut meta = HeadMeta::new(kind, ts);
         let previous = previous.filter(|p| p.meta.model == ts.model && p.meta.dim == ts.dim);
         let (net, steps) = match kind {
-            HeadKind::Prototype => (Net::Prototype(prototype::Prototype::fit(ts, opts)?), 0),
+            HeadKind::Prototype => {
+                let p = prototype::Prototype::fit(ts, opts)?.with_open_set(ts)?;
+                (Net::Prototype(p), 0)
+            }
             HeadKind::Flat => {
                 let prev = previous.and_then(|p| match &p.net {
                     Net::Flat(f) => Some((f, &p.meta)),

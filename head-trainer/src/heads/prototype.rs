@@ -26,8 +26,8 @@ pub struct Prototype {
     pub means: Tensor,
     /// 1 / temperature.
     pub inv_temperature: f32,
-    /// What open-set rejection compares with; built by [`Prototype::fit`] (the tenant's live
-    /// prototype always is), absent in a copy read back from stored tensors.
+    /// What open-set rejection compares with: built by [`Prototype::with_open_set`] for the
+    /// tenant's live prototype; absent in a trained head's copy and in stored tensors.
     pub open: Option<OpenSet>,
 }
 
@@ -58,9 +58,15 @@ impl OpenSet {
         for &c in y {
             counts[c as usize] += 1;
         }
-        // Each row against its own class's sum: (S - r) . r / |S - r| with |r| = 1.
-        let index = Tensor::from_slice(y, y.len(), x.device())?;
-        let dots: Vec<f32> = (&rows * sums.index_select(&index, 0)?)?.sum(1)?.to_vec1()?;
+        // Each row against its own class's sum: (S - r) . r / |S - r| with |r| = 1. The
+        // `n x classes` products, then each row's own column: no second `n x dim` copy.
+        let index = Tensor::from_slice(y, (y.len(), 1), x.device())?;
+        let dots: Vec<f32> = rows
+            .matmul(&sums.t()?)?
+            .gather(&index, 1)?
+            .squeeze(1)?
+            .to_vec1()?;
+        drop(rows);
         let mut loo: Vec<f32> = y
             .iter()
             .zip(&dots)
@@ -119,8 +125,15 @@ impl Prototype {
             mean,
             means,
             inv_temperature: 1.0 / opts.temperature.max(1e-3),
-            open: Some(OpenSet::fit(&x, &ts.y, ts.classes.len())?),
+            open: None,
         })
+    }
+
+    /// With what open-set rejection needs ([`OpenSet`]): for the tenant's live prototype,
+    /// not for the copy inside a trained head, which never rejects by it.
+    pub fn with_open_set(mut self, ts: &TrainSet) -> Result<Self> {
+        self.open = Some(OpenSet::fit(&ts.x_tensor()?, &ts.y, ts.classes.len())?);
+        Ok(self)
     }
 
     /// Unit-length means of the unit-length centred rows of each class, and those rows.

@@ -67,11 +67,7 @@ pub struct ReportJson {
 impl From<QualityReport> for ReportJson {
     fn from(r: QualityReport) -> Self {
         Self {
-            accuracy: if r.checked == 0 {
-                0.0
-            } else {
-                r.right as f32 / r.checked as f32
-            },
+            accuracy: r.accuracy(),
             checked: r.checked,
             classes: r
                 .classes
@@ -106,8 +102,8 @@ impl From<QualityReport> for ReportJson {
                 .suspects
                 .into_iter()
                 .map(|s| SuspectJson {
+                    sha256: s.sha256_hex(),
                     class: s.class,
-                    sha256: s.hash.iter().map(|b| format!("{b:02x}")).collect(),
                     nearer_class: s.nearer,
                     own_similarity: s.own_similarity,
                     nearer_similarity: s.nearer_similarity,

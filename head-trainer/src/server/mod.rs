@@ -317,15 +317,16 @@ pub async fn serve(
 
 /// The store the config names: PostgreSQL with a database URL, the embedded redb otherwise.
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
-    let (url, options, data_dir) = (
+    let (url, options, data_dir, cache) = (
         config.database_url.clone(),
         config.database.clone(),
         config.data_dir.clone(),
+        config.store_cache_bytes,
     );
     tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>> {
         Ok(match url {
             Some(url) => Arc::new(PostgresStore::connect(&url, &options)?),
-            None => Arc::new(RedbStore::open(&data_dir)?),
+            None => Arc::new(RedbStore::open_with_cache(&data_dir, cache)?),
         })
     })
     .await
@@ -336,7 +337,11 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
 fn store_name(config: &Config) -> String {
     match &config.database_url {
         Some(url) => crate::store::describe_postgres(url),
-        None => format!("redb in {}", config.data_dir.display()),
+        None => format!(
+            "redb in {} (page cache {} MiB)",
+            config.data_dir.display(),
+            config.store_cache_bytes >> 20
+        ),
     }
 }
 

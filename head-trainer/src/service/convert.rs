@@ -160,6 +160,7 @@ impl From<Imported> for pb::ImportResponse {
 impl From<QualityReport> for pb::ReportResponse {
     fn from(r: QualityReport) -> Self {
         Self {
+            accuracy: r.accuracy(),
             classes: r
                 .classes
                 .into_iter()
@@ -190,19 +191,14 @@ impl From<QualityReport> for pb::ReportResponse {
                 .suspects
                 .into_iter()
                 .map(|s| pb::SuspectPhoto {
+                    sha256: s.sha256_hex(),
                     class_name: s.class,
-                    sha256: s.hash.iter().map(|b| format!("{b:02x}")).collect(),
                     nearer_class: s.nearer,
                     own_similarity: s.own_similarity,
                     nearer_similarity: s.nearer_similarity,
                 })
                 .collect(),
             checked: r.checked,
-            accuracy: if r.checked == 0 {
-                0.0
-            } else {
-                r.right as f32 / r.checked as f32
-            },
             model: r.model,
             method: crate::core::report::METHOD.to_string(),
         }

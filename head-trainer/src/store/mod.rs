@@ -28,6 +28,11 @@ use crate::taxonomy::Taxonomy;
 /// sha256 of a photo's bytes.
 pub type Hash = [u8; 32];
 
+/// The embedded store's page cache unless configured: enough for the hot pages of many
+/// tenants, a small share of the 1 GB both services must stay under (redb's own default is
+/// 1 GiB).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 /// A consistent read of a tenant: taxonomy and every example's embedding under one model.
 pub struct Snapshot {
     pub taxonomy: Taxonomy,

@@ -34,6 +34,12 @@ impl RedbStore {
     /// The folder is made 0700 and the file 0600: it holds every tenant's embeddings, from
     /// which a photo's content can partly be recovered.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with_cache(dir, super::DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`RedbStore::open`] with a page cache of `cache_bytes` (redb's own default, 1 GiB,
+    /// would hold that much of a large file in memory).
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Store(format!("{}: {e}", dir.display())))?;
         let path = dir.join("taxon.redb");
@@ -43,7 +49,9 @@ impl RedbStore {
             create_private(&path)?;
         }
         owner_only(&path, 0o600)?;
-        let db = Database::create(&path)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)?;
         let txn = begin_write(&db)?;
         {
             let mut settings = txn.open_table(SETTINGS)?;
