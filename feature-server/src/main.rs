@@ -56,6 +56,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread exists, so that all of them share the bounded arenas.
+    let malloc = taxon_ops::malloc::bound();
     let cli = Cli::parse();
     let _telemetry = taxon_ops::logging::init(
         cli.log_format,
@@ -64,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         "taxon-feature-server",
     )
     .map_err(anyhow::Error::msg)?;
+    tracing::info!(?malloc, "allocator limits");
     match cli.command {
         Some(Command::FetchWeights {
             backbone,

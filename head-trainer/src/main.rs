@@ -5,8 +5,17 @@ use anyhow::Context;
 use clap::Parser;
 use head_trainer::config::Args;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads, so that they share the bounded arenas.
+    let malloc = taxon_ops::malloc::bound();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(serve(malloc))
+}
+
+async fn serve(malloc: taxon_ops::malloc::Outcome) -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = taxon_ops::logging::init(
         args.log_format,
@@ -15,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
         "taxon-head-trainer",
     )
     .map_err(anyhow::Error::msg)?;
+    tracing::info!(?malloc, "allocator limits");
     let config = args.config().context("invalid configuration")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
