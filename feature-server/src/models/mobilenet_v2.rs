@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::{self, Net, NetBuilder, Slot};
+use super::conv::{self, FusedBlock, Net, NetBuilder, Slot};
 use super::fold::{ConvBn, ConvSpec};
 use super::ops::Act;
 
@@ -94,6 +94,14 @@ impl InvertedResidual {
 
     /// Appends the block to the engine's steps.
     fn push_steps(&self, b: &mut NetBuilder, x: Slot) -> Result<Slot> {
+        if let Some(e) = self.expand.as_ref().filter(|_| conv::fuse_blocks()) {
+            let block = FusedBlock::new(
+                conv::from_conv_bn(e, false)?,
+                conv::from_conv_bn(&self.depthwise, false)?,
+                conv::from_conv_bn(&self.project, false)?,
+            )?;
+            return Ok(b.inverted_residual(block, x, &[]));
+        }
         let h = match &self.expand {
             Some(e) => b.conv_bn(e, false, (x, None), Act::Relu6, &[x])?,
             None => x,

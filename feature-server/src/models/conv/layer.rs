@@ -11,6 +11,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::depthwise::DepthwiseRow;
 use super::gemm::{Epilogue, NR, PackedB, gemm, gemm_panels};
 use super::isa::{isa, vectorized};
 use super::winograd::Winograd;
@@ -102,6 +103,22 @@ impl Conv {
         }
     }
 
+    /// The packed weights of a 1x1 stride-1 convolution, which [`super::fused`] multiplies by.
+    pub(super) fn pointwise(&self) -> Option<&PackedB> {
+        match &self.method {
+            Method::Pointwise(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The `[k*k][c]` weights of a depthwise convolution.
+    pub(super) fn depthwise_weights(&self) -> Option<&[f32]> {
+        match &self.method {
+            Method::Depthwise(w) => Some(w),
+            _ => None,
+        }
+    }
+
     /// `3x3/1 64->64 winograd`: for profiles.
     pub fn describe(&self) -> String {
         let s = &self.spec;
@@ -179,40 +196,34 @@ impl Conv {
         lo: f32,
         hi: f32,
     ) {
-        let (k, s, p, c) = (self.spec.kernel, self.spec.stride, self.spec.padding, xs.c);
-        // Row by row, tap by tap over the whole output row: the padding checks happen once
-        // per tap and row instead of once per tap and pixel (which dominated at 32 channels).
-        out.par_chunks_mut(os.w * c)
+        let dw = self.depthwise_row(w, xs.w);
+        let row_len = xs.w * xs.c;
+        out.par_chunks_mut(os.w * os.c)
             .enumerate()
             .for_each(|(row, orow)| {
                 let (b, oy) = (row / os.h, row % os.h);
-                vectorized(|| {
-                    for o in orow.chunks_exact_mut(c) {
-                        o.copy_from_slice(&self.bias);
-                    }
-                    for ky in 0..k {
-                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < xs.h) else {
-                            continue;
-                        };
-                        let xrow = &x[(b * xs.h + iy) * xs.w * c..][..xs.w * c];
-                        for kx in 0..k {
-                            // Output columns whose input column ox*s + kx - p is inside the row.
-                            let first = p.saturating_sub(kx).div_ceil(s);
-                            let end = (xs.w + p).saturating_sub(kx).div_ceil(s).min(os.w);
-                            let wt = &w[(ky * k + kx) * c..][..c];
-                            for ox in first..end {
-                                let xp = &xrow[(ox * s + kx - p) * c..][..c];
-                                let o = &mut orow[ox * c..][..c];
-                                for ((o, xv), wv) in o.iter_mut().zip(xp).zip(wt) {
-                                    *o += xv * wv;
-                                }
-                            }
-                        }
-                    }
-                    let r = residual.map(|r| &r[row * os.w * c..][..os.w * c]);
-                    finish_pixel(orow, r, lo, hi);
-                })
+                let taps: Vec<Option<&[f32]>> = (0..dw.kernel)
+                    .map(|ky| {
+                        let iy = (oy * dw.stride + ky).checked_sub(dw.padding)?;
+                        (iy < xs.h).then(|| &x[(b * xs.h + iy) * row_len..][..row_len])
+                    })
+                    .collect();
+                let r = residual.map(|r| &r[row * os.w * os.c..][..os.w * os.c]);
+                vectorized(|| dw.run(&taps, orow, r, (lo, hi)));
             });
+    }
+
+    /// The depthwise row kernel for this layer at input width `in_w`.
+    pub(super) fn depthwise_row<'a>(&'a self, w: &'a [f32], in_w: usize) -> DepthwiseRow<'a> {
+        DepthwiseRow {
+            weights: w,
+            bias: &self.bias,
+            kernel: self.spec.kernel,
+            stride: self.spec.stride,
+            padding: self.spec.padding,
+            in_w,
+            channels: self.spec.c_in,
+        }
     }
 }
 
@@ -287,7 +298,7 @@ const IM2COL_BYTES: usize = 256 << 10;
 const NARROW_ROWS: usize = 256;
 
 /// Runs `f` on this thread's buffer `cell`, grown to at least `len` floats.
-fn with_scratch<R>(
+pub(super) fn with_scratch<R>(
     cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,

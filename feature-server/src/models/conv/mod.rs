@@ -8,10 +8,13 @@
 //! go in and come out; other devices, and the unfolded reference path, keep candle's ops.
 //!
 //! Files: [`isa`] picks the SIMD level, [`denormals`] sets flush-to-zero, [`gemm`] (+ `x86`) is the packed microkernel with the
-//! fused epilogue, [`layer`] one convolution, [`winograd`] the 3x3 fast path, [`net`] the
-//! step list and its reusable buffers.
+//! fused epilogue, [`layer`] one convolution, [`winograd`] the 3x3 fast path, [`depthwise`] the depthwise
+//! row kernel, [`fused`] MobileNetV2's whole block in one pass, [`net`] the step list and its
+//! reusable buffers.
 
 pub mod denormals;
+mod depthwise;
+pub mod fused;
 pub mod gemm;
 pub mod isa;
 pub mod layer;
@@ -24,6 +27,7 @@ mod x86;
 
 use candle_core::{DType, Result, Storage, Tensor};
 
+pub use fused::FusedBlock;
 pub use layer::{Conv, Shape};
 pub use net::{Net, NetBuilder, Slot};
 
@@ -38,6 +42,13 @@ pub fn from_conv_bn(cb: &ConvBn, winograd: bool) -> Result<Conv> {
     let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(Conv::new(*spec, &w, &b, winograd))
+}
+
+/// Whether MobileNetV2's blocks run fused ([`fused`]); `TAXON_CONV_FUSE=0` runs them layer by
+/// layer, to measure what fusing gains.
+pub fn fuse_blocks() -> bool {
+    static FUSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSE.get_or_init(|| std::env::var("TAXON_CONV_FUSE").map_or(true, |v| v != "0"))
 }
 
 /// Whether the engine takes `x`: a CPU tensor, unless `TAXON_CONV_ENGINE=candle` asks for

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use super::fused::FusedBlock;
 use super::layer::{Conv, Shape, for_each_pixel};
 use crate::models::fold::ConvBn;
 use crate::models::ops::Act;
@@ -26,6 +27,12 @@ enum Step {
     },
     /// 3x3 stride 2 padding 1 max-pool of a post-ReLU input (zero padding is then exact).
     MaxPool { input: Slot, output: Slot },
+    /// A whole inverted-residual block, its expanded tensor kept in cache (see [`super::fused`]).
+    Block {
+        block: Box<FusedBlock>,
+        input: Slot,
+        output: Slot,
+    },
 }
 
 pub struct Net {
@@ -108,6 +115,19 @@ impl NetBuilder {
         Ok(self.conv(conv, input, residual, act, live))
     }
 
+    /// An inverted-residual block as one step; `live` as in [`Self::conv`].
+    pub fn inverted_residual(&mut self, block: FusedBlock, input: Slot, live: &[Slot]) -> Slot {
+        let mut busy = live.to_vec();
+        busy.push(input);
+        let output = self.fresh(&busy);
+        self.steps.push(Step::Block {
+            block: Box::new(block),
+            input,
+            output,
+        });
+        output
+    }
+
     pub fn max_pool(&mut self, input: Slot) -> Slot {
         let output = self.fresh(&[input]);
         self.steps.push(Step::MaxPool { input, output });
@@ -183,6 +203,7 @@ impl Net {
             let what = match step {
                 Step::Conv { conv, .. } => conv.describe(),
                 Step::MaxPool { .. } => "max-pool".into(),
+                Step::Block { block, .. } => block.describe(),
             };
             let (ms, pct) = (t * 1e3 / n as f64, 100.0 * t / total);
             eprintln!("  {ms:6.3} ms/img {pct:4.1} %  {what}");
@@ -193,7 +214,9 @@ impl Net {
 /// One step: reads its input (and residual) buffer, writes its output buffer and shape.
 fn run_step(step: &Step, bufs: &mut [Vec<f32>], shapes: &mut [Shape]) {
     let (input, output) = match step {
-        Step::Conv { input, output, .. } | Step::MaxPool { input, output } => (*input, *output),
+        Step::Conv { input, output, .. }
+        | Step::MaxPool { input, output }
+        | Step::Block { input, output, .. } => (*input, *output),
     };
     let xs = shapes[input];
     let os = match step {
@@ -203,6 +226,7 @@ fn run_step(step: &Step, bufs: &mut [Vec<f32>], shapes: &mut [Shape]) {
             w: (xs.w - 1) / 2 + 1,
             ..xs
         },
+        Step::Block { block, .. } => block.out_shape(xs),
     };
     let mut out = std::mem::take(&mut bufs[output]);
     grow(&mut out, os.len());
@@ -216,6 +240,7 @@ fn run_step(step: &Step, bufs: &mut [Vec<f32>], shapes: &mut [Shape]) {
             ..
         } => conv.run(x, xs, o, residual.map(|r| &bufs[r][..os.len()]), *act),
         Step::MaxPool { .. } => max_pool(x, xs, o, os),
+        Step::Block { block, .. } => block.run(x, xs, o),
     }
     bufs[output] = out;
     shapes[output] = os;

@@ -1,0 +1,100 @@
+//! One output row of a depthwise convolution (NHWC), bias and clamp fused in.
+//!
+//! Why pixel-major with the channels in register-sized chunks: each output vector then takes
+//! its k*k taps into one accumulator and is stored once. Going tap by tap over a whole output
+//! row instead loads and stores the row k*k times, which made the depthwise layers cost as
+//! much as the 1x1 convolutions around them. Both the plain depthwise layer and the fused
+//! inverted-residual block ([`super::fused`]) run this.
+
+/// Channels per accumulator chunk: two AVX2 vectors, one AVX-512 vector.
+const CHUNK: usize = 16;
+
+/// A depthwise layer's geometry and weights.
+#[derive(Clone, Copy)]
+pub(super) struct DepthwiseRow<'a> {
+    /// `[k*k][c]`: tap-major, channels contiguous.
+    pub weights: &'a [f32],
+    pub bias: &'a [f32],
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    /// Input row width in pixels.
+    pub in_w: usize,
+    pub channels: usize,
+}
+
+impl DepthwiseRow<'_> {
+    /// Output width for this input width.
+    pub fn out_w(&self) -> usize {
+        (self.in_w + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// `out = clamp(bias + sum of taps [+ residual], lo, hi)` for one output row of
+    /// `out_w() * channels` values; `rows[ky]` is the input row under kernel row `ky`, or
+    /// `None` where that row is padding. Call inside [`super::isa::vectorized`].
+    #[inline(always)]
+    pub fn run(
+        &self,
+        rows: &[Option<&[f32]>],
+        out: &mut [f32],
+        residual: Option<&[f32]>,
+        (lo, hi): (f32, f32),
+    ) {
+        let (k, s, p, c) = (self.kernel, self.stride, self.padding, self.channels);
+        debug_assert_eq!(rows.len(), k);
+        for (ox, o) in out.chunks_exact_mut(c).enumerate().take(self.out_w()) {
+            // Kernel columns kx whose input column ox*s + kx - p lies inside the row.
+            let first = p.saturating_sub(ox * s);
+            let end = (self.in_w + p).saturating_sub(ox * s).min(k);
+            let ix0 = ox * s + first - p;
+            let res = residual.map(|r| &r[ox * c..][..c]);
+            let mut c0 = 0;
+            while c0 + CHUNK <= c {
+                let mut acc = [0f32; CHUNK];
+                acc.copy_from_slice(&self.bias[c0..c0 + CHUNK]);
+                for (ky, row) in rows.iter().enumerate() {
+                    let Some(row) = row else { continue };
+                    for kx in first..end {
+                        let x = &row[(ix0 + kx - first) * c + c0..][..CHUNK];
+                        let w = &self.weights[(ky * k + kx) * c + c0..][..CHUNK];
+                        for ((a, x), w) in acc.iter_mut().zip(x).zip(w) {
+                            *a += x * w;
+                        }
+                    }
+                }
+                let o = &mut o[c0..c0 + CHUNK];
+                store(o, &acc, res.map(|r| &r[c0..c0 + CHUNK]), lo, hi);
+                c0 += CHUNK;
+            }
+            // Channels past the last whole chunk, one by one.
+            for ch in c0..c {
+                let mut acc = self.bias[ch];
+                for (ky, row) in rows.iter().enumerate() {
+                    let Some(row) = row else { continue };
+                    for kx in first..end {
+                        acc +=
+                            row[(ix0 + kx - first) * c + ch] * self.weights[(ky * k + kx) * c + ch];
+                    }
+                }
+                let r = res.map_or(0.0, |r| r[ch]);
+                o[ch] = (acc + r).clamp(lo, hi);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn store(o: &mut [f32], acc: &[f32], residual: Option<&[f32]>, lo: f32, hi: f32) {
+    match residual {
+        Some(r) => {
+            for ((o, a), r) in o.iter_mut().zip(acc).zip(r) {
+                *o = (a + r).clamp(lo, hi);
+            }
+        }
+        None => {
+            for (o, a) in o.iter_mut().zip(acc) {
+                *o = a.clamp(lo, hi);
+            }
+        }
+    }
+}
