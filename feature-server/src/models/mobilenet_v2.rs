@@ -173,14 +173,30 @@ impl MobileNetV2 {
         // Two images at a time: its 14 MB of weights stay cached anyway, while a whole batch's
         // 112x112x96 activations (4.8 MB an image) would not (batch 32: ~80 -> ~98 img/s).
         b.sub_batch(2);
-        let mut x = b.conv_bn(
-            &self.stem,
-            false,
-            (NetBuilder::INPUT, None),
-            Act::Relu6,
-            &[],
-        )?;
-        for block in &self.blocks {
+        let mut blocks = self.blocks.iter().peekable();
+        // The stem's 112x112x32 output feeds the first block, which has no expansion: the
+        // stem stands in for it, so that this largest tensor never goes to memory either.
+        let first = blocks
+            .next_if(|blk| blk.expand.is_none() && conv::fuse_blocks())
+            .map(|blk| {
+                FusedBlock::new(
+                    conv::from_conv_bn(&self.stem, false)?,
+                    conv::from_conv_bn(&blk.depthwise, false)?,
+                    conv::from_conv_bn(&blk.project, false)?,
+                )
+            })
+            .transpose()?;
+        let mut x = match first {
+            Some(block) => b.inverted_residual(block, NetBuilder::INPUT, &[]),
+            None => b.conv_bn(
+                &self.stem,
+                false,
+                (NetBuilder::INPUT, None),
+                Act::Relu6,
+                &[],
+            )?,
+        };
+        for block in blocks {
             x = block.push_steps(&mut b, x)?;
         }
         let x = b.conv_bn(&self.head, false, (x, None), Act::Relu6, &[])?;

@@ -38,47 +38,112 @@ impl DepthwiseRow<'_> {
         rows: &[Option<&[f32]>],
         out: &mut [f32],
         residual: Option<&[f32]>,
+        bounds: (f32, f32),
+    ) {
+        let c = self.channels;
+        let out = &mut out[..self.out_w() * c];
+        // The interior pixels of a 3x3 with padding 1, 8 channels at a time, by the SIMD
+        // kernel; what it leaves (edge pixels, channels past the last 8) by the portable loop.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(done) = self.run_simd(rows, out, residual, bounds) {
+            for (ox, o) in out.chunks_exact_mut(c).enumerate() {
+                let from = if done.contains(&ox) { c / 8 * 8 } else { 0 };
+                self.pixel(rows, ox, from, o, residual, bounds);
+            }
+            return;
+        }
+        for (ox, o) in out.chunks_exact_mut(c).enumerate() {
+            self.pixel(rows, ox, 0, o, residual, bounds);
+        }
+    }
+
+    /// Runs the x86 kernel where it applies; answers the output pixels it did.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)] // entering the kernel after checking the ISA and the geometry
+    #[inline(always)]
+    fn run_simd(
+        &self,
+        rows: &[Option<&[f32]>],
+        out: &mut [f32],
+        residual: Option<&[f32]>,
+        (lo, hi): (f32, f32),
+    ) -> Option<std::ops::Range<usize>> {
+        use super::isa::{Isa, isa};
+        use super::x86::{Depthwise3, depthwise3_avx2};
+        let fits = self.kernel == 3 && self.padding == 1 && residual.is_none();
+        if !fits || isa() == Isa::Portable || self.channels < 8 || self.in_w < 3 {
+            return None;
+        }
+        // Pixels whose taps ox*s - 1 ..= ox*s + 1 are all inside the row.
+        let ox = 1..((self.in_w - 2) / self.stride + 1).min(self.out_w());
+        let rows: [Option<&[f32]>; 3] = [rows[0], rows[1], rows[2]];
+        let row_len = self.in_w * self.channels;
+        if ox.is_empty() || rows.iter().flatten().any(|r| r.len() < row_len) {
+            return None;
+        }
+        let d = Depthwise3 {
+            rows,
+            weights: &self.weights[..9 * self.channels],
+            bias: self.bias,
+            c: self.channels,
+            c8: self.channels / 8 * 8,
+            stride: self.stride,
+            ox: ox.clone(),
+            lo,
+            hi,
+        };
+        // SAFETY: AVX2 and FMA were detected (any ISA but portable); the rows hold whole
+        // input rows, and `ox` keeps every tap inside them; `out` holds the whole output row.
+        unsafe { depthwise3_avx2(&d, out) };
+        Some(ox)
+    }
+
+    /// Channels `from..` of output pixel `ox`.
+    #[inline(always)]
+    fn pixel(
+        &self,
+        rows: &[Option<&[f32]>],
+        ox: usize,
+        from: usize,
+        o: &mut [f32],
+        residual: Option<&[f32]>,
         (lo, hi): (f32, f32),
     ) {
         let (k, s, p, c) = (self.kernel, self.stride, self.padding, self.channels);
-        debug_assert_eq!(rows.len(), k);
-        for (ox, o) in out.chunks_exact_mut(c).enumerate().take(self.out_w()) {
-            // Kernel columns kx whose input column ox*s + kx - p lies inside the row.
-            let first = p.saturating_sub(ox * s);
-            let end = (self.in_w + p).saturating_sub(ox * s).min(k);
-            let ix0 = ox * s + first - p;
-            let res = residual.map(|r| &r[ox * c..][..c]);
-            let mut c0 = 0;
-            while c0 + CHUNK <= c {
-                let mut acc = [0f32; CHUNK];
-                acc.copy_from_slice(&self.bias[c0..c0 + CHUNK]);
-                for (ky, row) in rows.iter().enumerate() {
-                    let Some(row) = row else { continue };
-                    for kx in first..end {
-                        let x = &row[(ix0 + kx - first) * c + c0..][..CHUNK];
-                        let w = &self.weights[(ky * k + kx) * c + c0..][..CHUNK];
-                        for ((a, x), w) in acc.iter_mut().zip(x).zip(w) {
-                            *a += x * w;
-                        }
+        // Kernel columns kx whose input column ox*s + kx - p lies inside the row.
+        let first = p.saturating_sub(ox * s);
+        let end = (self.in_w + p).saturating_sub(ox * s).min(k);
+        let ix0 = ox * s + first - p;
+        let res = residual.map(|r| &r[ox * c..][..c]);
+        let mut c0 = from;
+        while c0 + CHUNK <= c {
+            let mut acc = [0f32; CHUNK];
+            acc.copy_from_slice(&self.bias[c0..c0 + CHUNK]);
+            for (ky, row) in rows.iter().enumerate() {
+                let Some(row) = row else { continue };
+                for kx in first..end {
+                    let x = &row[(ix0 + kx - first) * c + c0..][..CHUNK];
+                    let w = &self.weights[(ky * k + kx) * c + c0..][..CHUNK];
+                    for ((a, x), w) in acc.iter_mut().zip(x).zip(w) {
+                        *a += x * w;
                     }
                 }
-                let o = &mut o[c0..c0 + CHUNK];
-                store(o, &acc, res.map(|r| &r[c0..c0 + CHUNK]), lo, hi);
-                c0 += CHUNK;
             }
-            // Channels past the last whole chunk, one by one.
-            for ch in c0..c {
-                let mut acc = self.bias[ch];
-                for (ky, row) in rows.iter().enumerate() {
-                    let Some(row) = row else { continue };
-                    for kx in first..end {
-                        acc +=
-                            row[(ix0 + kx - first) * c + ch] * self.weights[(ky * k + kx) * c + ch];
-                    }
+            let o = &mut o[c0..c0 + CHUNK];
+            store(o, &acc, res.map(|r| &r[c0..c0 + CHUNK]), lo, hi);
+            c0 += CHUNK;
+        }
+        // Channels past the last whole chunk, one by one.
+        for ch in c0..c {
+            let mut acc = self.bias[ch];
+            for (ky, row) in rows.iter().enumerate() {
+                let Some(row) = row else { continue };
+                for kx in first..end {
+                    acc += row[(ix0 + kx - first) * c + ch] * self.weights[(ky * k + kx) * c + ch];
                 }
-                let r = res.map_or(0.0, |r| r[ch]);
-                o[ch] = (acc + r).clamp(lo, hi);
             }
+            let r = res.map_or(0.0, |r| r[ch]);
+            o[ch] = (acc + r).clamp(lo, hi);
         }
     }
 }

@@ -12,6 +12,7 @@
 //! images than threads (batch 1).
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -19,6 +20,12 @@ use super::gemm::gemm;
 use super::isa::vectorized;
 use super::layer::{Conv, Shape, epilogue, with_scratch};
 use crate::models::ops::Act;
+
+/// At most this many output pixels in the batch, and fewer images than threads, the block
+/// runs layer by layer: its tensors then fit in L2 anyway, while bands of a 7- or 14-row
+/// image would expand a third of their rows twice, and the 1x1 layers split across threads
+/// by output channels instead (see `layer::NARROW_ROWS`).
+const MAX_LAYERED_PIXELS: usize = 64;
 
 /// Fewest output pixels a group of rows hands the project GEMM: narrower layers (7 and 14
 /// pixels wide) take several rows at a time, so that the microkernel's row tiles are full.
@@ -35,14 +42,17 @@ pub struct FusedBlock {
     project: Conv,
     /// Add the block's input to its output (stride 1, as many channels out as in).
     residual: bool,
+    /// The expanded and depthwise tensors when the block runs layer by layer.
+    layered: Mutex<Vec<f32>>,
 }
 
 impl FusedBlock {
-    /// The three convolutions of a block, batch-norm folded: `expand` and `project` 1x1
-    /// stride 1, `depthwise` with as many groups as channels.
+    /// The three convolutions of a block, batch-norm folded: `expand` any dense convolution
+    /// (the 1x1 expansion, or the network's stem before its first, unexpanded block),
+    /// `depthwise` with as many groups as channels, `project` 1x1 stride 1.
     pub fn new(expand: Conv, depthwise: Conv, project: Conv) -> candle_core::Result<Self> {
         let hidden = expand.spec.c_out;
-        let fits = expand.pointwise().is_some()
+        let fits = expand.is_dense()
             && project.pointwise().is_some()
             && depthwise.depthwise_weights().is_some()
             && depthwise.spec.c_in == hidden
@@ -55,24 +65,31 @@ impl FusedBlock {
                 project.describe()
             );
         }
-        let residual = depthwise.spec.stride == 1 && expand.spec.c_in == project.spec.c_out;
+        let residual = expand.spec.stride == 1
+            && depthwise.spec.stride == 1
+            && expand.spec.c_in == project.spec.c_out;
         Ok(Self {
             expand,
             depthwise,
             project,
             residual,
+            layered: Mutex::new(Vec::new()),
         })
     }
 
     pub fn out_shape(&self, x: Shape) -> Shape {
-        self.project.out_shape(self.depthwise.out_shape(x))
+        let h = self.expand.out_shape(x);
+        self.project.out_shape(self.depthwise.out_shape(h))
     }
 
     /// `1x1 16->96 | 3x3/2 dw | 1x1 96->24`: for profiles.
     pub fn describe(&self) -> String {
         let (e, d, p) = (&self.expand.spec, &self.depthwise.spec, &self.project.spec);
         format!(
-            "fused 1x1 {}->{} | {}x{}/{} dw | 1x1 {}->{}{}",
+            "fused {}x{}/{} {}->{} | {}x{}/{} dw | 1x1 {}->{}{}",
+            e.kernel,
+            e.kernel,
+            e.stride,
             e.c_in,
             e.c_out,
             d.kernel,
@@ -93,7 +110,11 @@ impl FusedBlock {
             return;
         }
         let out = &mut out[..os.len()];
-        let bands = rayon::current_num_threads().div_ceil(xs.n).clamp(1, os.h);
+        let threads = rayon::current_num_threads();
+        if xs.n < threads && os.len() / os.c <= MAX_LAYERED_PIXELS {
+            return self.run_layered(x, xs, out);
+        }
+        let bands = threads.div_ceil(xs.n).clamp(1, os.h);
         let band_rows = os.h.div_ceil(bands);
         let image_len = os.h * os.w * os.c;
         out.par_chunks_mut(image_len)
@@ -107,25 +128,42 @@ impl FusedBlock {
             .for_each(|(b, oy0, o)| vectorized(|| self.band(x, xs, os, b, oy0, o)));
     }
 
+    /// The three layers one after another, through `self.layered`.
+    fn run_layered(&self, x: &[f32], xs: Shape, out: &mut [f32]) {
+        let hs = self.expand.out_shape(xs);
+        let ds = self.depthwise.out_shape(hs);
+        let mut buf = self.layered.lock().unwrap_or_else(|e| e.into_inner());
+        if buf.len() < hs.len() + ds.len() {
+            buf.resize(hs.len() + ds.len(), 0.0);
+        }
+        let (h, d) = buf.split_at_mut(hs.len());
+        let d = &mut d[..ds.len()];
+        self.expand.run(x, xs, h, None, Act::Relu6);
+        self.depthwise.run(h, hs, d, None, Act::Relu6);
+        let res = self.residual.then(|| &x[..out.len()]);
+        self.project.run(d, ds, out, res, Act::None);
+    }
+
     /// Output rows `oy0 ..` of image `b`, as many as `out` holds.
     fn band(&self, x: &[f32], xs: Shape, os: Shape, b: usize, oy0: usize, out: &mut [f32]) {
-        let (Some(expand), Some(project), Some(dw_weights)) = (
-            self.expand.pointwise(),
-            self.project.pointwise(),
-            self.depthwise.depthwise_weights(),
-        ) else {
+        let (Some(project), Some(dw_weights)) =
+            (self.project.pointwise(), self.depthwise.depthwise_weights())
+        else {
             unreachable!("checked in FusedBlock::new")
         };
-        let dw = self.depthwise.depthwise_row(dw_weights, xs.w);
+        // The expanded tensor's shape: the depthwise's input.
+        let hs = self.expand.out_shape(xs);
+        let dw = self.depthwise.depthwise_row(dw_weights, hs.w);
         let (k, s, p) = (dw.kernel, dw.stride, dw.padding);
         let hidden = dw.channels;
         let oy1 = oy0 + out.len() / (os.w * os.c);
         let group = MIN_GROUP_PIXELS.div_ceil(os.w).clamp(1, oy1 - oy0);
-        let row_in = xs.w * hidden;
+        let row_in = hs.w * hidden;
         let row_mid = os.w * hidden;
         let window_rows = (group - 1) * s + k;
         let relu6 = Act::Relu6.bounds();
         let none = Act::None.bounds();
+        debug_assert!(!self.residual || (hs.h, hs.w) == (xs.h, xs.w));
         with_scratch(&WINDOW, window_rows * row_in + group * row_mid, |buf| {
             let (window, mid) = buf.split_at_mut(window_rows * row_in);
             // Input rows [lo, hi) are expanded in `window`, row `lo` first.
@@ -133,7 +171,7 @@ impl FusedBlock {
             for g0 in (oy0..oy1).step_by(group) {
                 let g1 = (g0 + group).min(oy1);
                 let need_lo = (g0 * s).saturating_sub(p);
-                let need_hi = ((g1 - 1) * s + k).saturating_sub(p).min(xs.h);
+                let need_hi = ((g1 - 1) * s + k).saturating_sub(p).min(hs.h);
                 if need_lo < hi && lo <= need_lo {
                     window.copy_within((need_lo - lo) * row_in..(hi - lo) * row_in, 0);
                 } else {
@@ -141,17 +179,16 @@ impl FusedBlock {
                 }
                 lo = need_lo;
                 if need_hi > hi {
-                    let a = &x[(b * xs.h + hi) * xs.w * xs.c..];
+                    let pixels = ((b * hs.h + hi) * hs.w, (need_hi - hi) * hs.w);
                     let o = &mut window[(hi - lo) * row_in..];
-                    let ep = epilogue(None, hidden, relu6.0, relu6.1);
-                    gemm((need_hi - hi) * xs.w, expand, a, xs.c, o, hidden, ep);
+                    self.expand.run_pixels(x, xs, pixels, o, Act::Relu6);
                     hi = need_hi;
                 }
                 for oy in g0..g1 {
                     let taps: Vec<Option<&[f32]>> = (0..k)
                         .map(|ky| {
                             let iy = (oy * s + ky).checked_sub(p)?;
-                            (iy < xs.h).then(|| &window[(iy - lo) * row_in..][..row_in])
+                            (iy < hs.h).then(|| &window[(iy - lo) * row_in..][..row_in])
                         })
                         .collect();
                     dw.run(
@@ -191,22 +228,32 @@ mod tests {
 
     /// The fused block against its three layers run one after another, for every shape of
     /// block MobileNetV2 has (stride 1 with residual, stride 2, channel change), on sizes
-    /// that make the windows slide, groups span several rows, and bands split one image.
+    /// that make the windows slide, groups span several rows, bands split one image, and
+    /// small batches run layer by layer.
     #[test]
     fn fused_block_matches_the_layers_run_apart() {
         let cases = [
-            // (c_in, hidden, c_out, stride, h, w, n)
-            (16, 96, 24, 2, 17, 15, 1),
-            (24, 144, 24, 1, 12, 13, 2),
-            (32, 48, 40, 1, 7, 7, 3),
-            (24, 40, 24, 1, 3, 30, 1),
-            (160, 960, 160, 1, 7, 7, 1),
-            (8, 24, 8, 2, 2, 2, 2),
-            (8, 24, 8, 1, 1, 1, 1),
+            // (c_in, hidden, c_out, stride, h, w, n, expand kernel and stride)
+            (16, 96, 24, 2, 17, 15, 1, (1, 1)),
+            // Over MAX_LAYERED_PIXELS at batch 1: bands split the image.
+            (16, 96, 24, 2, 40, 30, 1, (1, 1)),
+            (24, 144, 24, 1, 20, 20, 1, (1, 1)),
+            (32, 64, 32, 1, 40, 3, 1, (1, 1)),
+            (24, 144, 24, 1, 12, 13, 2, (1, 1)),
+            (32, 48, 40, 1, 7, 7, 3, (1, 1)),
+            (24, 40, 24, 1, 3, 30, 1, (1, 1)),
+            (160, 960, 160, 1, 7, 7, 1, (1, 1)),
+            (160, 960, 160, 1, 7, 7, 4, (1, 1)),
+            (8, 24, 8, 2, 2, 2, 2, (1, 1)),
+            (8, 24, 8, 1, 1, 1, 1, (1, 1)),
+            // MobileNetV2's stem in front of its first block (an im2col "expansion").
+            (3, 32, 16, 1, 45, 38, 1, (3, 2)),
+            (3, 32, 16, 1, 33, 30, 2, (3, 2)),
+            (3, 32, 16, 1, 13, 11, 1, (3, 2)),
         ];
-        for (seed, &(ci, hid, co, s, h, w, n)) in cases.iter().enumerate() {
+        for (seed, &(ci, hid, co, s, h, w, n, (ek, es))) in cases.iter().enumerate() {
             let seed = seed as u64 * 10;
-            let e = ConvSpec::new(ci, hid, 1, 1);
+            let e = ConvSpec::new(ci, hid, ek, es);
             let d = ConvSpec::depthwise(hid, s);
             let pj = ConvSpec::new(hid, co, 1, 1);
             let block = FusedBlock::new(conv(e, seed), conv(d, seed + 2), conv(pj, seed + 4))
@@ -222,7 +269,7 @@ mod tests {
             cd.run(&hbuf, hs, &mut dbuf, None, Act::Relu6);
             let os = cp.out_shape(ds);
             let mut want = vec![0f32; os.len()];
-            let res = (s == 1 && ci == co).then_some(&x[..]);
+            let res = (es == 1 && s == 1 && ci == co).then_some(&x[..]);
             cp.run(&dbuf, ds, &mut want, res, Act::None);
             assert_eq!(block.out_shape(xs), os);
             let mut got = vec![f32::NAN; os.len()];

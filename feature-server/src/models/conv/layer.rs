@@ -111,6 +111,36 @@ impl Conv {
         }
     }
 
+    /// Whether [`Self::run_pixels`] can compute it (any dense convolution).
+    pub(super) fn is_dense(&self) -> bool {
+        !matches!(self.method, Method::Depthwise(_))
+    }
+
+    /// Output pixels `p0 .. p0 + pixels` (NHWC order over the batch) of `act(conv(x))`, on
+    /// this thread, into `out` (`pixels` rows of `c_out`): what a fused block needs of the
+    /// convolution before its depthwise, a few rows at a time.
+    pub(super) fn run_pixels(
+        &self,
+        x: &[f32],
+        xs: Shape,
+        (p0, pixels): (usize, usize),
+        out: &mut [f32],
+        act: Act,
+    ) {
+        let os = self.out_shape(xs);
+        let (lo, hi) = act.bounds();
+        match &self.method {
+            Method::Pointwise(b) => {
+                let ep = epilogue(None, os.c, lo, hi);
+                gemm(pixels, b, &x[p0 * xs.c..], xs.c, out, os.c, ep);
+            }
+            Method::Im2col(b) | Method::Winograd(_, b) => {
+                self.im2col_gemm(b, x, (xs, os), p0, pixels, out, None, (lo, hi));
+            }
+            Method::Depthwise(_) => unreachable!("run_pixels on a depthwise convolution"),
+        }
+    }
+
     /// The `[k*k][c]` weights of a depthwise convolution.
     pub(super) fn depthwise_weights(&self) -> Option<&[f32]> {
         match &self.method {

@@ -1,6 +1,8 @@
 //! The x86-64 microkernels behind [`super::gemm`]: a `rows x 32` block of the output,
 //! accumulated over the whole K in registers, then bias, residual and clamp, then one masked
 //! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators); AVX2: 3 rows x 4 vectors (12).
+//! And the 3x3 depthwise row kernel behind [`super::depthwise`]: its nine tap weights held in
+//! registers, one fused multiply-add per tap.
 //!
 //! Why the whole K at once: the layers here have K <= 4608, so a 32-column weight panel is at
 //! most 590 KB and stays in L2 across row blocks; no partial sums ever go back to memory.
@@ -158,6 +160,65 @@ unsafe fn k256<const R: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
                 }
                 y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
                 _mm256_maskstore_ps(o.wrapping_add(i * ldo + 8 * v), m[v], y);
+            }
+        }
+    }
+}
+
+/// One output row of a 3x3 depthwise convolution, the output pixels `ox` only (those whose
+/// taps all lie inside the row; the caller does the edges), channels `0..c8` (a multiple of
+/// 8). A kernel row that falls in the padding is given as `None`: its weights are zeroed in
+/// registers and another row stands in for the loads, so no zero row is ever read.
+pub struct Depthwise3<'a> {
+    pub rows: [Option<&'a [f32]>; 3],
+    /// `[9][c]`, tap-major.
+    pub weights: &'a [f32],
+    pub bias: &'a [f32],
+    pub c: usize,
+    pub c8: usize,
+    pub stride: usize,
+    pub ox: std::ops::Range<usize>,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+/// # Safety
+/// AVX2 and FMA must be available. Every row holds the input columns `ox.start * stride - 1
+/// ..= (ox.end - 1) * stride + 1` of `c` channels; `out` holds `ox.end * c` values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn depthwise3_avx2(d: &Depthwise3, out: &mut [f32]) {
+    let Some(&any) = d.rows.iter().flatten().next() else {
+        return;
+    };
+    debug_assert!(d.ox.start * d.stride >= 1 && d.c8.is_multiple_of(8) && d.c8 <= d.c);
+    debug_assert!(out.len() >= d.ox.end * d.c && d.bias.len() >= d.c8);
+    let c = d.c;
+    // SAFETY: loads stay inside the rows' columns the caller vouched for and channels < c8.
+    unsafe {
+        let (lo, hi) = (_mm256_set1_ps(d.lo), _mm256_set1_ps(d.hi));
+        let rows: [*const f32; 3] = std::array::from_fn(|r| d.rows[r].unwrap_or(any).as_ptr());
+        let o = out.as_mut_ptr();
+        for c0 in (0..d.c8).step_by(8) {
+            let w: [__m256; 9] = std::array::from_fn(|t| {
+                if d.rows[t / 3].is_some() {
+                    _mm256_loadu_ps(d.weights.as_ptr().add(t * c + c0))
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            let bias = _mm256_loadu_ps(d.bias.as_ptr().add(c0));
+            for ox in d.ox.clone() {
+                let at = (ox * d.stride - 1) * c + c0;
+                let mut acc = [bias, _mm256_setzero_ps(), _mm256_setzero_ps()];
+                for (r, row) in rows.iter().enumerate() {
+                    let p = row.add(at);
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w[3 * r], acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), w[3 * r + 1], acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(2 * c)), w[3 * r + 2], acc[r]);
+                }
+                let y = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]);
+                let y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+                _mm256_storeu_ps(o.add(ox * c + c0), y);
             }
         }
     }
