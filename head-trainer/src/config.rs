@@ -25,9 +25,10 @@ pub struct Config {
     pub database: crate::store::PoolOptions,
     /// File of `token tenant` lines; when set, every request needs a valid bearer token.
     pub tokens_file: Option<PathBuf>,
-    /// The head kind that becomes live once trained (and that Enroll trains). `combined` by
-    /// default: nearest class mean plus a linear correction, at least as good as every other
-    /// head and PyTorch's best at every k of the evaluation (docs/evaluation.md).
+    /// The head kind that becomes live once trained (and that Enroll trains). `lda` by
+    /// default: shrinkage LDA or nearest class mean, chosen per tenant by cross-validation on
+    /// its own photos; it led the same-embedding anchors on birds in the issue #15 study
+    /// (docs/study/heads-2026-12.md). `combined`, the previous default, is still available.
     pub default_head: HeadKind,
     /// Embeddings of classified photos kept in memory (photos enrolled are in the store).
     pub classify_cache_entries: usize,
@@ -95,7 +96,7 @@ impl Config {
             database_url: None,
             database: crate::store::PoolOptions::default(),
             tokens_file: None,
-            default_head: HeadKind::Combined,
+            default_head: HeadKind::Lda,
             classify_cache_entries: 8192,
             max_loaded_tenants: 256,
             share_embedding_cache: false,
@@ -294,8 +295,8 @@ pub struct Args {
     /// File of `token tenant` lines: when given, requests need `authorization: Bearer <token>`.
     #[arg(long, env = "TAXON_TOKENS")]
     pub tokens: Option<PathBuf>,
-    /// Head kind made live once trained: prototype, flat, hierarchical or combined.
-    #[arg(long, env = "TAXON_DEFAULT_HEAD", default_value = "combined")]
+    /// Head kind made live once trained: prototype, flat, hierarchical, combined or lda.
+    #[arg(long, env = "TAXON_DEFAULT_HEAD", default_value = "lda")]
     pub default_head: String,
     /// Embeddings of classified photos kept in memory.
     #[arg(long, env = "TAXON_CLASSIFY_CACHE_ENTRIES", default_value_t = 8192)]

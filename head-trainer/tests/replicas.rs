@@ -152,7 +152,7 @@ async fn enrolled_through_one_replica_classified_through_the_other() {
     )
     .await
     .unwrap();
-    assert_eq!(trained.head, "combined", "A waited for its trained head");
+    assert_eq!(trained.head, "lda", "A waited for its trained head");
     let embedded = || {
         features
             .counters
@@ -173,7 +173,7 @@ async fn enrolled_through_one_replica_classified_through_the_other() {
         let photo = cup[0].clone();
         async move {
             let r = classify(&mut cb, "acme", &photo).await.unwrap();
-            r.head == "combined" && r.head_version >= version
+            r.head == "lda" && r.head_version >= version
         }
     })
     .await;
@@ -382,7 +382,7 @@ async fn a_replica_killed_mid_training_loses_nothing_and_another_trains_in_its_p
     );
     until(Duration::from_secs(30), "B training the tenant", || {
         let mut cb = cb.clone();
-        async move { list(&mut cb, "acme").await.head == "combined" }
+        async move { list(&mut cb, "acme").await.head == "lda" }
     })
     .await;
     assert_eq!(
@@ -395,7 +395,7 @@ async fn a_replica_killed_mid_training_loses_nothing_and_another_trains_in_its_p
     let b_head = list(&mut cb, "acme").await.head_version;
     let stored: i64 = db
         .query_one(
-            "SELECT version FROM heads WHERE tenant = 'acme' AND kind = 'combined'",
+            "SELECT version FROM heads WHERE tenant = 'acme' AND kind = 'lda'",
             &[],
         )
         .await
@@ -409,10 +409,7 @@ async fn a_replica_killed_mid_training_loses_nothing_and_another_trains_in_its_p
     wait_health(a_addr, "taxon.v1.Classifier", READY).await;
     let mut ca = ClassifierClient::new(common::channel(a_addr));
     let listed = list(&mut ca, "acme").await;
-    assert_eq!(
-        (listed.head.as_str(), listed.head_version),
-        ("combined", b_head)
-    );
+    assert_eq!((listed.head.as_str(), listed.head_version), ("lda", b_head));
     assert_eq!(classes(&mut ca, "acme").await, acknowledged);
     a.kill().unwrap();
     a.wait().unwrap();

@@ -17,7 +17,7 @@ use taxon_proto::v1::{
 use tonic::transport::Channel;
 
 const SERVING: i32 = 1;
-const KINDS: [&str; 5] = ["", "prototype", "flat", "hierarchical", "combined"];
+const KINDS: [&str; 6] = ["", "prototype", "flat", "hierarchical", "combined", "lda"];
 
 fn as_tenant<T>(tenant: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -183,11 +183,8 @@ async fn an_imported_tenant_answers_exactly_as_the_exported_one() {
     let mut cb = b.client();
     let r = import(&mut cb, "copy", &file).await.unwrap();
     assert_eq!((r.classes, r.examples), (4, 18));
-    assert_eq!(r.heads, ["combined", "flat", "hierarchical"]);
-    assert_eq!(
-        r.head, "combined",
-        "the trained default head is live at once"
-    );
+    assert_eq!(r.heads, ["combined", "flat", "hierarchical", "lda"]);
+    assert_eq!(r.head, "lda", "the trained default head is live at once");
     assert_eq!(features_b.counters.embedded.load(Ordering::SeqCst), 0);
     assert_eq!(
         answers(&mut cb, "copy", &queries).await,

@@ -60,8 +60,11 @@ pub mod head_kind {
     pub const PROTOTYPE: &str = "prototype";
     pub const FLAT: &str = "flat";
     pub const HIERARCHICAL: &str = "hierarchical";
-    /// Nearest class mean plus a trained linear correction: the head-trainer's default.
+    /// Nearest class mean plus a trained linear correction.
     pub const COMBINED: &str = "combined";
+    /// Shrinkage LDA or nearest class mean, chosen per tenant by cross-validation: the
+    /// head-trainer's default.
+    pub const LDA: &str = "lda";
 }
 
 /// The caller's deadline from the `grpc-timeout` header (`<up to 8 digits><unit>`, unit one

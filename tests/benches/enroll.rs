@@ -215,7 +215,7 @@ async fn live_and_latency(weights: PathBuf, pets: PathBuf) {
             );
         }
     };
-    for kind in ["prototype", "flat", "hierarchical", "combined"] {
+    for kind in ["prototype", "flat", "hierarchical", "combined", "lda"] {
         train(kind).await;
     }
 
@@ -323,6 +323,7 @@ async fn accuracy(fs: &Running<feature_server::Error>, all: &[(String, String, V
             TrainOptions::default(),
         ),
         ("combined", HeadKind::Combined, TrainOptions::default()),
+        ("lda", HeadKind::Lda, TrainOptions::default()),
     ];
     print!(" k");
     for (name, _, _) in &variants {

@@ -20,11 +20,11 @@ const GREEN: [u8; 3] = [30, 200, 30];
 
 /// Test config: small photo limit (so an oversized photo is cheap to send), an open-set
 /// threshold placed between what these synthetic classes score (known >= 0.59, checkerboard
-/// 0.29 under formula weights), and a trained default head (`combined`), so that training,
+/// 0.29 under formula weights), and a trained default head (`lda`), so that training,
 /// the atomic swap and head persistence are what these tests exercise.
 fn config(data: &std::path::Path) -> head_trainer::Config {
     let mut c = head_trainer::Config::new(vec![shared_feature_server()], data);
-    c.default_head = HeadKind::Combined;
+    c.default_head = HeadKind::Lda;
     c.max_photo_bytes = 256 << 10;
     c.thresholds.unknown_similarity = 0.45;
     c
@@ -159,7 +159,7 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
 
     let last = enroll_taxonomy(&mut c, md).await;
     assert_eq!(
-        last.head, "combined",
+        last.head, "lda",
         "wait_for_head replies with the trained head live"
     );
     assert!(last.time_to_live_ms > 0 && last.head_version > 0);
@@ -171,7 +171,7 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
         .unwrap();
     assert_eq!(
         (r.label.as_str(), r.decision, r.head.as_str()),
-        ("blue", Decision::Child as i32, "combined")
+        ("blue", Decision::Child as i32, "lda")
     );
     assert_eq!(r.parent.as_ref().unwrap().name, "cool");
     assert_eq!(r.children[0].parent, "cool");
@@ -207,7 +207,7 @@ async fn every_rpc_hierarchy_backoff_unknown_rename_remove() {
     );
 
     // Train every kind, then ask each by name.
-    for kind in ["prototype", "flat", "hierarchical", "combined"] {
+    for kind in ["prototype", "flat", "hierarchical", "combined", "lda"] {
         let t = c
             .train(request(
                 TrainRequest {
@@ -325,7 +325,7 @@ async fn restart_serves_the_same_classes_and_head() {
     wait_serving(ht.addr, "taxon.v1.Classifier").await;
     let mut c = classifier(ht.addr);
     let l = list(&mut c, md).await;
-    assert_eq!((l.head.as_str(), l.head_version), ("combined", version));
+    assert_eq!((l.head.as_str(), l.head_version), ("lda", version));
     assert_eq!(l.classes.len(), 6);
     let after = classify(&mut c, md, png(Pattern::Solid, BLUE, 90), "")
         .await
@@ -725,7 +725,7 @@ fn crash_child() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("LISTENING {}", listener.local_addr().unwrap());
         let mut cfg = head_trainer::Config::new(vec![features], data);
-        cfg.default_head = HeadKind::Combined;
+        cfg.default_head = HeadKind::Lda;
         cfg.thresholds.unknown_similarity = 0.45;
         head_trainer::run(listener, cfg, std::future::pending())
             .await
@@ -787,7 +787,7 @@ async fn sigkill_during_enroll_loses_nothing_acknowledged() {
     )
     .await
     .unwrap();
-    assert_eq!(acked.head, "combined");
+    assert_eq!(acked.head, "lda");
 
     // A third enroll is mid-stream (start and two photos sent, stream still open) when the
     // process is killed; then a fourth request never gets an answer.
@@ -830,7 +830,7 @@ async fn sigkill_during_enroll_loses_nothing_acknowledged() {
     );
     assert_eq!(
         (l.head.as_str(), l.head_version),
-        ("combined", acked.head_version)
+        ("lda", acked.head_version)
     );
     let r = classify(&mut c, md, png(Pattern::Stripes, GREEN, 50), "")
         .await

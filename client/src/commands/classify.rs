@@ -20,7 +20,8 @@ pub struct Args {
     /// Children to return per image (the table shows them when more than one).
     #[arg(long, default_value_t = 1)]
     pub top_k: u32,
-    /// Which head answers: prototype, flat or hierarchical; the live head when unset.
+    /// Which head answers: prototype, flat, hierarchical, combined or lda; the live head
+    /// when unset.
     #[arg(long, default_value = "")]
     pub head: String,
     /// Skip files larger than this many MiB (keep it at or below the server's photo limit).

@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "prototype,flat,hierarchical,combined"
+        default_value = "prototype,flat,hierarchical,combined,lda"
     )]
     pub heads: Vec<String>,
     /// Where report.md and the pictures go [default: eval-report/<dataset>].
@@ -119,6 +119,7 @@ fn validate(args: &Args) -> Result<()> {
         head_kind::FLAT,
         head_kind::HIERARCHICAL,
         head_kind::COMBINED,
+        head_kind::LDA,
     ];
     if let Some(bad) = args.heads.iter().find(|h| !known.contains(&h.as_str())) {
         return Err(Error::Usage(format!(

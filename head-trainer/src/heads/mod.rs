@@ -7,6 +7,8 @@
 //! - [`hierarchical`]: the research prototype's two-branch head.
 //! - [`combined`]: nearest class mean plus a trained linear correction: NCM where there is
 //!   too little data to learn from, a linear head where there is enough.
+//! - [`lda`] (the default): shrinkage LDA or nearest class mean, on raw or square-rooted
+//!   embeddings, whichever cross-validates best on the tenant's own photos; closed form.
 //!
 //! Every head starts by standardising the embedding (centre + scale, see [`Standardizer`]),
 //! remembers the model identity it was trained for and refuses embeddings from another, and
@@ -15,7 +17,10 @@
 pub mod combined;
 pub mod flat;
 pub mod hierarchical;
+pub mod lda;
+mod linalg;
 pub mod prototype;
+mod temperature;
 pub mod train;
 
 use std::collections::HashMap;
@@ -33,14 +38,16 @@ pub enum HeadKind {
     Flat,
     Hierarchical,
     Combined,
+    Lda,
 }
 
 impl HeadKind {
-    pub const ALL: [HeadKind; 4] = [
+    pub const ALL: [HeadKind; 5] = [
         Self::Prototype,
         Self::Flat,
         Self::Hierarchical,
         Self::Combined,
+        Self::Lda,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +56,7 @@ impl HeadKind {
             Self::Flat => taxon_proto::head_kind::FLAT,
             Self::Hierarchical => taxon_proto::head_kind::HIERARCHICAL,
             Self::Combined => taxon_proto::head_kind::COMBINED,
+            Self::Lda => taxon_proto::head_kind::LDA,
         }
     }
 
@@ -66,7 +74,7 @@ impl std::str::FromStr for HeadKind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "unknown head kind `{s}` (prototype, flat, hierarchical, combined)"
+                    "unknown head kind `{s}` (prototype, flat, hierarchical, combined, lda)"
                 ))
             })
     }
@@ -127,7 +135,7 @@ pub struct Prediction {
     pub probs: Vec<f32>,
     /// The parent branch's own probabilities per `meta.groups` (hierarchical only).
     pub parent_branch: Option<Vec<f32>>,
-    /// Cosine to the nearest centred class mean (prototype and combined only).
+    /// Cosine to the nearest centred class mean (prototype, combined and lda only).
     pub similarity: Option<f32>,
 }
 
@@ -202,6 +210,7 @@ pub enum Net {
     Flat(flat::Flat),
     Hierarchical(hierarchical::Hierarchical),
     Combined(combined::Combined),
+    Lda(lda::Lda),
 }
 
 /// A head: metadata plus network.
@@ -255,6 +264,8 @@ impl Head {
                 let (c, steps) = combined::Combined::fit(ts, prev, opts)?;
                 (Net::Combined(c), steps)
             }
+            // Closed form: nothing to warm-start, no steps.
+            HeadKind::Lda => (Net::Lda(lda::Lda::fit(ts, opts)?), 0),
         };
         meta.steps = steps;
         meta.train_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -267,6 +278,7 @@ impl Head {
             Net::Flat(_) => HeadKind::Flat,
             Net::Hierarchical(_) => HeadKind::Hierarchical,
             Net::Combined(_) => HeadKind::Combined,
+            Net::Lda(_) => HeadKind::Lda,
         }
     }
 
@@ -276,6 +288,7 @@ impl Head {
         match &self.net {
             Net::Prototype(p) => p.open.as_ref(),
             Net::Combined(c) => c.proto.open.as_ref(),
+            Net::Lda(l) => l.proto.open.as_ref(),
             Net::Flat(_) | Net::Hierarchical(_) => None,
         }
     }
@@ -331,6 +344,14 @@ impl Head {
                     similarity: Some(sim),
                 }
             }
+            Net::Lda(l) => {
+                let (logits, sim) = l.logits(&x)?;
+                Prediction {
+                    probs: row(logits)?,
+                    parent_branch: None,
+                    similarity: Some(sim),
+                }
+            }
         })
     }
 
@@ -343,6 +364,7 @@ impl Head {
             Net::Flat(f) => f.tensors(&mut t)?,
             Net::Hierarchical(h) => h.tensors(&mut t)?,
             Net::Combined(c) => c.tensors(&mut t)?,
+            Net::Lda(l) => l.tensors(&mut t)?,
         }
         Ok(t)
     }
@@ -357,6 +379,7 @@ impl Head {
                 Net::Hierarchical(hierarchical::Hierarchical::from_tensors(t)?)
             }
             HeadKind::Combined => Net::Combined(combined::Combined::from_tensors(t)?),
+            HeadKind::Lda => Net::Lda(lda::Lda::from_tensors(t)?),
         };
         Ok(Self { meta, net })
     }
@@ -459,5 +482,7 @@ fn carry_bias(fresh: &Tensor, fresh_ids: &[u64], old: &Tensor, old_ids: &[u64]) 
         .map_err(Into::into)
 }
 
+#[cfg(test)]
+mod lda_tests;
 #[cfg(test)]
 mod tests;

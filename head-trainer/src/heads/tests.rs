@@ -6,11 +6,11 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
 
-const M: &str = "test@sha256:00";
-const DIM: usize = 32;
+pub(super) const M: &str = "test@sha256:00";
+pub(super) const DIM: usize = 32;
 
 /// `per` noisy points around one random centre per class; class c's group is c / 2 + 100.
-fn blobs(classes: usize, per: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
+pub(super) fn blobs(classes: usize, per: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
     let mut rng = StdRng::seed_from_u64(seed);
     let centres: Vec<Vec<f32>> = (0..classes)
         .map(|c| {
@@ -35,11 +35,11 @@ fn blobs(classes: usize, per: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
     rows
 }
 
-fn group(c: u64) -> u64 {
+pub(super) fn group(c: u64) -> u64 {
     c / 2 + 100
 }
 
-fn accuracy(head: &Head, rows: &[(u64, Vec<f32>)]) -> f32 {
+pub(super) fn accuracy(head: &Head, rows: &[(u64, Vec<f32>)]) -> f32 {
     let right = rows
         .iter()
         .filter(|(c, x)| {
@@ -83,7 +83,12 @@ fn every_kind_learns_a_separable_problem() {
 #[test]
 fn training_is_reproducible() {
     let train = TrainSet::new(M, &blobs(4, 3, 3), group).unwrap();
-    for kind in [HeadKind::Flat, HeadKind::Hierarchical, HeadKind::Combined] {
+    for kind in [
+        HeadKind::Flat,
+        HeadKind::Hierarchical,
+        HeadKind::Combined,
+        HeadKind::Lda,
+    ] {
         let opts = TrainOptions {
             seed: 7,
             ..TrainOptions::default()

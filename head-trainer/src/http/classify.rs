@@ -24,7 +24,7 @@ const MULTIPART_OVERHEAD: usize = 64 << 10;
 pub struct ClassifyQuery {
     /// Children to rank (default 5).
     top_k: Option<u32>,
-    /// The head to ask (`prototype`, `flat`, `hierarchical`, `combined`); the live one if unset.
+    /// The head to ask (`prototype`, `flat`, `hierarchical`, `combined`, `lda`); the live one if unset.
     head: Option<String>,
 }
 

@@ -1,0 +1,469 @@
+//! Cross-validated shrinkage LDA (`lda`): per tenant, on its own training photos, a choice
+//! among shrinkage-LDA heads and cosine nearest class mean, each on raw or square-rooted
+//! embeddings (docs/study/heads-2026-12.md, "Exact specification of `ldacv`").
+//!
+//! Why: with many classes the pooled within-class covariance is estimated from hundreds of
+//! residual degrees of freedom, and whitening by it separates look-alike classes that plain
+//! cosine cannot (the study: +1.2..2.7 points over the best anchor on birds); with few
+//! classes or one photo per class it is noise, and nearest class mean is kept. Which one a
+//! tenant gets is decided by cross-validation on its own photos, never by a fixed rule. The
+//! square root Gaussianises post-ReLU features, which helps some tenants and not others, so
+//! it is chosen the same way. Everything is closed form: no optimiser, no steps, the same
+//! photos give the same head.
+//!
+//! The head carries the tenant's [`Prototype`] as [`super::combined`] does, for the same
+//! open-set similarity; rejection itself asks the live prototype's [`super::prototype::OpenSet`].
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, Tensor};
+use rand::seq::SliceRandom;
+
+use super::linalg::{self, Cholesky};
+use super::prototype::{Prototype, l2_normalize};
+use super::train::{TrainOptions, TrainSet, class_sums, rng};
+use super::{get, temperature};
+use crate::{Error, Result};
+
+/// Shrinkages tried, in units of the average residual variance `tr(S_w) / d`.
+pub const GAMMAS: [f64; 5] = [1.0, 3.0, 10.0, 30.0, 100.0];
+/// `1 / T` of the nearest-class-mean model's cosines (T = 0.05, as the prototype head).
+pub const NCM_SCALE: f64 = 20.0;
+/// At most this many folds (fewer when a class has fewer photos).
+pub const MAX_FOLDS: usize = 4;
+/// The final head's temperature is the CV-fitted one divided by this: fold models see fewer
+/// photos than the final head, so their logits are less sure (the study's calibration).
+pub const CV_TEMPERATURE_RATIO: f64 = 1.3;
+/// The final temperature is at least the largest held-out gap between the best and the
+/// second-best logit divided by this: where cross-validation makes no mistake the fitted T
+/// runs to the bottom of its range, and softmax would round every class but one to exactly
+/// 0 (then nothing is left to renormalise when a class is removed). e^-50 is far from f32's
+/// underflow, with room for test photos a margin twice the held-out one.
+pub const MAX_RUNNER_UP_NATS: f64 = 50.0;
+/// Floor of every norm and of the residual variance.
+const EPS: f64 = 1e-12;
+
+/// The transform applied to an embedding before centring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Power {
+    /// `sqrt(max(x, 0))`.
+    Sqrt,
+    /// The embedding as it is.
+    Identity,
+}
+
+impl Power {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Sqrt => x.relu()?.sqrt()?,
+            Self::Identity => x.clone(),
+        })
+    }
+}
+
+/// What is fitted on the pre-processed rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Model {
+    /// Shrinkage LDA, `Sigma = S_w + gamma tau I`.
+    Lda(f64),
+    /// Cosine to the unit class means, times [`NCM_SCALE`].
+    Ncm,
+}
+
+/// One point of the cross-validation grid.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    pub power: Power,
+    pub model: Model,
+}
+
+/// What a tenant with a class of one photo gets (nothing to cross-validate).
+pub const FALLBACK: Config = Config {
+    power: Power::Sqrt,
+    model: Model::Ncm,
+};
+
+/// The grid in the spec's order; ties go to the last (raw before sqrt, NCM before LDA,
+/// larger shrinkage before smaller: the simpler model wins a tie).
+pub fn grid() -> Vec<Config> {
+    [Power::Sqrt, Power::Identity]
+        .into_iter()
+        .flat_map(|power| {
+            GAMMAS
+                .iter()
+                .map(|&g| Model::Lda(g))
+                .chain([Model::Ncm])
+                .map(move |model| Config { power, model })
+        })
+        .collect()
+}
+
+/// How the LDA system is solved. Both give the same `P`; `Auto` picks the smaller matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// `n <= d`: Woodbury on the `n x n` Gram; otherwise the `d x d` covariance.
+    Auto,
+    Dual,
+    Primal,
+}
+
+/// A fitted linear model on pre-processed rows: `logits = a P + b`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `d x classes`.
+    pub p: Tensor,
+    /// `classes`.
+    pub b: Tensor,
+}
+
+impl Linear {
+    fn logits(&self, a: &Tensor) -> Result<Tensor> {
+        Ok(a.matmul(&self.p)?.broadcast_add(&self.b)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Lda {
+    /// For the open-set similarity of [`Lda::logits`] (as the combined head).
+    pub proto: Prototype,
+    pub config: Config,
+    /// Mean of the transformed training rows, `1 x d`.
+    pub mu: Tensor,
+    pub linear: Linear,
+    /// Probabilities are `softmax(logits / temperature)`.
+    pub temperature: f32,
+}
+
+impl Lda {
+    pub fn fit(ts: &TrainSet, opts: &TrainOptions) -> Result<Self> {
+        if let Some(i) = ts.x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Precondition(format!(
+                "example {} has a non-finite embedding value; re-embed it",
+                i / ts.dim.max(1)
+            )));
+        }
+        let classes = ts.classes.len();
+        let x = ts.x_tensor()?;
+        let k_min = counts(&ts.y, classes).into_iter().min().unwrap_or(0);
+        let (mut config, mut temperature) = if classes < 2 || k_min < 2 {
+            (FALLBACK, 1.0)
+        } else {
+            select(&x, &ts.y, classes, k_min.min(MAX_FOLDS), opts.seed)?
+        };
+        let (mu, a) = prepare(&x, config.power)?;
+        let linear = match fit_models(&a, &ts.y, classes, &[config.model], Form::Auto)?.pop() {
+            Some(Some(l)) => l,
+            // Residuals that vanish on all rows (every photo of a class the same): no
+            // covariance to shrink, nearest class mean on the same rows.
+            _ => {
+                config.model = Model::Ncm;
+                temperature = 1.0;
+                ncm(&a, &ts.y, classes)?
+            }
+        };
+        tracing::debug!(?config, temperature, "lda head chosen by cross-validation");
+        Ok(Self {
+            proto: Prototype::fit(ts, opts)?,
+            config,
+            mu,
+            linear,
+            temperature: temperature as f32,
+        })
+    }
+
+    /// Logits of one embedding (`1 x d`), already divided by the temperature, and its cosine
+    /// to the nearest centred class mean.
+    pub fn logits(&self, x: &Tensor) -> Result<(Tensor, f32)> {
+        let (_, sim) = self.proto.logits(x)?;
+        let a = l2_normalize(&self.config.power.apply(x)?.broadcast_sub(&self.mu)?)?;
+        let z = (self.linear.logits(&a)? / f64::from(self.temperature))?;
+        Ok((z, sim))
+    }
+
+    pub fn tensors(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
+        self.proto.tensors(out)?;
+        let scalar = |v: f32| Tensor::new(&[v], &Device::Cpu);
+        let power = match self.config.power {
+            Power::Sqrt => 1.0,
+            Power::Identity => 0.0,
+        };
+        let gamma = match self.config.model {
+            Model::Lda(g) => g as f32,
+            Model::Ncm => 0.0,
+        };
+        out.insert("lda.p".into(), self.linear.p.clone());
+        out.insert("lda.b".into(), self.linear.b.clone());
+        out.insert("lda.mu".into(), self.mu.clone());
+        out.insert("lda.power".into(), scalar(power)?);
+        out.insert("lda.gamma".into(), scalar(gamma)?);
+        out.insert("lda.temperature".into(), scalar(self.temperature)?);
+        Ok(())
+    }
+
+    pub fn from_tensors(t: &HashMap<String, Tensor>) -> Result<Self> {
+        let scalar = |name: &str| -> Result<f32> {
+            get(t, name)?
+                .to_vec1::<f32>()?
+                .first()
+                .copied()
+                .ok_or_else(|| Error::Corrupt(format!("`{name}` is empty")))
+        };
+        let power = match scalar("lda.power")? {
+            1.0 => Power::Sqrt,
+            0.0 => Power::Identity,
+            other => return Err(Error::Corrupt(format!("`lda.power` is {other}"))),
+        };
+        let model = match scalar("lda.gamma")? {
+            0.0 => Model::Ncm,
+            g => Model::Lda(f64::from(g)),
+        };
+        let temperature = scalar("lda.temperature")?;
+        if !temperature.is_finite() || temperature <= 0.0 {
+            return Err(Error::Corrupt(format!(
+                "`lda.temperature` is {temperature}"
+            )));
+        }
+        Ok(Self {
+            proto: Prototype::from_tensors(t)?,
+            config: Config { power, model },
+            mu: get(t, "lda.mu")?.clone(),
+            linear: Linear {
+                p: get(t, "lda.p")?.clone(),
+                b: get(t, "lda.b")?.clone(),
+            },
+            temperature,
+        })
+    }
+}
+
+/// Photos per class.
+fn counts(y: &[u32], classes: usize) -> Vec<usize> {
+    let mut c = vec![0usize; classes];
+    for &v in y {
+        c[v as usize] += 1;
+    }
+    c
+}
+
+/// Step 1 of the spec: the transform, the mean of the transformed rows (`1 x d`) and the
+/// centred unit rows.
+pub fn prepare(x: &Tensor, power: Power) -> Result<(Tensor, Tensor)> {
+    let xp = power.apply(x)?;
+    let mu = xp.mean_keepdim(0)?;
+    let a = l2_normalize(&xp.broadcast_sub(&mu)?)?;
+    Ok((mu, a))
+}
+
+/// Stratified folds: within each class (in class order) its rows in a seeded random order,
+/// dealt round-robin to folds `0..folds`.
+pub fn folds_of(y: &[u32], classes: usize, folds: usize, seed: u64) -> Vec<usize> {
+    let mut rng = rng(seed);
+    let mut fold = vec![0; y.len()];
+    for c in 0..classes as u32 {
+        let mut rows: Vec<usize> = (0..y.len()).filter(|&i| y[i] == c).collect();
+        rows.shuffle(&mut rng);
+        for (j, i) in rows.into_iter().enumerate() {
+            fold[i] = j % folds;
+        }
+    }
+    fold
+}
+
+/// Step 5: the grid point with the best cross-validated accuracy (ties: the last) and the
+/// temperature fitted on its held-out logits (step 7).
+fn select(x: &Tensor, y: &[u32], classes: usize, folds: usize, seed: u64) -> Result<(Config, f64)> {
+    let fold = folds_of(y, classes, folds, seed);
+    let grid = grid();
+    // Right answers per grid point; `None` once a fold could not fit it (no residuals).
+    let mut right: Vec<Option<usize>> = vec![Some(0); grid.len()];
+    for power in [Power::Sqrt, Power::Identity] {
+        let (_, a) = prepare(x, power)?;
+        let at: Vec<usize> = (0..grid.len())
+            .filter(|&i| grid[i].power == power)
+            .collect();
+        let models: Vec<Model> = at.iter().map(|&i| grid[i].model).collect();
+        cross_validate(&a, y, classes, &fold, folds, &models, |m, rows, logits| {
+            let slot = &mut right[at[m]];
+            *slot = match (*slot, logits) {
+                (Some(n), Some(l)) => Some(n + count_right(l, rows, y)?),
+                _ => None,
+            };
+            Ok(())
+        })?;
+    }
+    let best = right.iter().flatten().max().copied().unwrap_or(0);
+    let choice = (0..grid.len())
+        .rev()
+        .find(|&i| right[i] == Some(best))
+        .map_or(FALLBACK, |i| grid[i]);
+    // The chosen point's held-out logits again (cheaper than keeping every point's).
+    let (_, a) = prepare(x, choice.power)?;
+    let mut held_out = vec![0f32; y.len() * classes];
+    cross_validate(
+        &a,
+        y,
+        classes,
+        &fold,
+        folds,
+        &[choice.model],
+        |_, rows, logits| {
+            if let Some(l) = logits {
+                for (row, values) in rows.iter().zip(l.to_vec2::<f32>()?) {
+                    held_out[row * classes..(row + 1) * classes].copy_from_slice(&values);
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let t = temperature::fit(&held_out, y, classes) / CV_TEMPERATURE_RATIO;
+    let floor = temperature::largest_runner_up_gap(&held_out, classes) / MAX_RUNNER_UP_NATS;
+    Ok((choice, t.max(floor)))
+}
+
+/// For each fold, fits `models` on the other folds' rows of `a` and hands `visit` the model's
+/// index, the held-out rows and their logits (`None` where the model could not be fitted).
+fn cross_validate(
+    a: &Tensor,
+    y: &[u32],
+    classes: usize,
+    fold: &[usize],
+    folds: usize,
+    models: &[Model],
+    mut visit: impl FnMut(usize, &[usize], Option<&Tensor>) -> Result<()>,
+) -> Result<()> {
+    for f in 0..folds {
+        let (held, kept): (Vec<usize>, Vec<usize>) = (0..y.len()).partition(|&i| fold[i] == f);
+        if held.is_empty() {
+            continue;
+        }
+        let rows = |r: &[usize]| -> Result<Tensor> {
+            let idx: Vec<u32> = r.iter().map(|&i| i as u32).collect();
+            Ok(a.index_select(&Tensor::from_vec(idx, r.len(), a.device())?, 0)?)
+        };
+        let y_kept: Vec<u32> = kept.iter().map(|&i| y[i]).collect();
+        let fits = fit_models(&rows(&kept)?, &y_kept, classes, models, Form::Auto)?;
+        let a_held = rows(&held)?;
+        for (m, fit) in fits.iter().enumerate() {
+            let logits = fit.as_ref().map(|l| l.logits(&a_held)).transpose()?;
+            visit(m, &held, logits.as_ref())?;
+        }
+    }
+    Ok(())
+}
+
+/// Rows (`rows[i]` is row `i` of `logits`) whose first highest logit is their label.
+fn count_right(logits: &Tensor, rows: &[usize], y: &[u32]) -> Result<usize> {
+    let v = logits.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .zip(&v)
+        .filter(|(r, l)| argmax(l) == y[**r] as usize)
+        .count())
+}
+
+/// Index of the first largest value (numpy's `argmax`).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Every model of `models` fitted on unit rows `a`: the LDA shrinkages share one Gram (or
+/// covariance) matrix. `None` for an LDA whose residuals vanish.
+pub fn fit_models(
+    a: &Tensor,
+    y: &[u32],
+    classes: usize,
+    models: &[Model],
+    form: Form,
+) -> Result<Vec<Option<Linear>>> {
+    let gammas: Vec<f64> = models
+        .iter()
+        .filter_map(|m| match m {
+            Model::Lda(g) => Some(*g),
+            Model::Ncm => None,
+        })
+        .collect();
+    let mut lda = if gammas.is_empty() {
+        Vec::new()
+    } else {
+        lda_fit(a, y, classes, &gammas, form)?
+    }
+    .into_iter();
+    models
+        .iter()
+        .map(|m| match m {
+            Model::Lda(_) => Ok(lda.next().flatten()),
+            Model::Ncm => ncm(a, y, classes).map(Some),
+        })
+        .collect()
+}
+
+/// Step 2: `P = NCM_SCALE * (unit class sums)^T`, `b = 0`.
+fn ncm(a: &Tensor, y: &[u32], classes: usize) -> Result<Linear> {
+    let u = l2_normalize(&class_sums(a, y, classes)?)?;
+    Ok(Linear {
+        p: (u.t()?.contiguous()? * NCM_SCALE)?,
+        b: Tensor::zeros(classes, DType::F32, a.device())?,
+    })
+}
+
+/// Step 3: shrinkage LDA for each of `gammas` on unit rows `a`:
+/// `P = (R^T R / n + gamma tau I)^-1 M^T`, `b_c = -m_c . P_c / 2`. The dual (Woodbury) form
+/// solves an `n x n` system, the primal a `d x d` one; both in f64, the Gram products in f32.
+pub fn lda_fit(
+    a: &Tensor,
+    y: &[u32],
+    classes: usize,
+    gammas: &[f64],
+    form: Form,
+) -> Result<Vec<Option<Linear>>> {
+    let (n, d) = a.dims2()?;
+    let dev = a.device();
+    let inv: Vec<f32> = counts(y, classes)
+        .into_iter()
+        .map(|c| 1.0 / c.max(1) as f32)
+        .collect();
+    let m = class_sums(a, y, classes)?.broadcast_mul(&Tensor::from_vec(inv, (classes, 1), dev)?)?;
+    let r = (a - m.index_select(&Tensor::from_slice(y, n, dev)?, 0)?)?;
+    let tau = r.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 / (n * d) as f64;
+    if !tau.is_finite() || tau <= EPS {
+        return Ok(vec![None; gammas.len()]);
+    }
+    let m64 = m.to_dtype(DType::F64)?;
+    let mt = m64.t()?.contiguous()?; // d x C
+    let dual = match form {
+        Form::Auto => n <= d,
+        Form::Dual => true,
+        Form::Primal => false,
+    };
+    let mut ps = Vec::with_capacity(gammas.len());
+    if dual {
+        let gram = r.matmul(&r.t()?)?.to_dtype(DType::F64)?; // n x n
+        let rm = r.matmul(&m.t()?)?.to_dtype(DType::F64)?; // n x C
+        let rt = r.to_dtype(DType::F64)?.t()?.contiguous()?; // d x n
+        for g in gammas {
+            let gt = g * tau;
+            let z = Cholesky::new(&linalg::add_diagonal(&gram, n as f64 * gt)?)?.solve(&rm)?;
+            ps.push(((&mt - rt.matmul(&z)?)? / gt)?);
+        }
+    } else {
+        let cov = (r.t()?.matmul(&r)?.to_dtype(DType::F64)? / n as f64)?; // d x d
+        for g in gammas {
+            ps.push(Cholesky::new(&linalg::add_diagonal(&cov, g * tau)?)?.solve(&mt)?);
+        }
+    }
+    ps.into_iter()
+        .map(|p| {
+            let b = ((&m64 * p.t()?)?.sum(D::Minus1)? * -0.5)?;
+            Ok(Some(Linear {
+                p: p.to_dtype(DType::F32)?,
+                b: b.to_dtype(DType::F32)?,
+            }))
+        })
+        .collect()
+}
