@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Taxon's CPU forward pass beside ONNX Runtime, in one run, alternating (issue #5):
 # images/s for each and the ratio at batch 1, 8, 32, for ResNet18 and MobileNetV2; then the
-# end-to-end gRPC figures of `cargo bench -p feature-server --bench throughput`.
+# end-to-end gRPC figures of `cargo bench -p feature-server --bench throughput` for each backbone.
 #
 #   scripts/bench-vs-onnx.sh                # both backbones, 5 rounds, then the gRPC bench
 #   ROUNDS=5 SECONDS_PER_BURST=3 scripts/bench-vs-onnx.sh
@@ -52,6 +52,9 @@ for backbone in ${BACKBONES:-resnet18 mobilenet_v2}; do
 done
 
 if [ -z "${NO_E2E:-}" ]; then
-  echo "--- end to end over gRPC (cargo bench -p feature-server --bench throughput, ResNet18)"
-  TAXON_BENCH_SKIP_MOBILENET=1 cargo bench -q -p feature-server --bench throughput
+  for backbone in ${BACKBONES:-resnet18 mobilenet_v2}; do
+    echo "--- end to end over gRPC (cargo bench -p feature-server --bench throughput, $backbone)"
+    TAXON_BENCH_BACKBONE=$backbone TAXON_BENCH_SKIP_MOBILENET=1 \
+      cargo bench -q -p feature-server --bench throughput
+  done
 fi

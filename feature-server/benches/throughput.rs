@@ -7,6 +7,8 @@
 //! formula weights (speed does not depend on values). Photos come from
 //! ../shared/datasets/pets when present, else synthetic JPEGs; the header says which.
 //! Two alternated rounds, best kept; about three minutes on 2 cores; ends with peak RSS (VmHWM).
+//! `TAXON_BENCH_BACKBONE=mobilenet_v2` runs every part on MobileNetV2 instead (the anchor
+//! ratios are then left out: the anchors are ResNet18's).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,6 +33,26 @@ const ROUNDS: usize = 2;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// The backbone every part runs: `TAXON_BENCH_BACKBONE`, ResNet18 unless set.
+fn backbone_kind() -> BackboneKind {
+    static KIND: std::sync::OnceLock<BackboneKind> = std::sync::OnceLock::new();
+    *KIND.get_or_init(|| {
+        std::env::var("TAXON_BENCH_BACKBONE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(BackboneKind::Resnet18)
+    })
+}
+
+/// `value (anchor a)` ratios, for ResNet18 only (what the anchors measured).
+fn vs_anchor(ips: f64, anchor: f64) -> String {
+    if backbone_kind() == BackboneKind::Resnet18 {
+        format!("{:.2} (anchor {anchor})", ips / anchor)
+    } else {
+        "n/a".into()
+    }
+}
+
 /// `TAXON_BENCH_DEVICE=cuda` (in a `--features cuda` build) runs the forward passes and the
 /// server on the GPU; the anchors stay the CPU ones, so read the ratios as "GPU over CPU".
 fn bench_device() -> BenchResult<(Device, DeviceChoice)> {
@@ -48,15 +70,18 @@ fn main() -> BenchResult<()> {
     let started = Instant::now();
     let (photos, source) = photos(64)?;
     let dir = tempfile::tempdir()?;
-    let resnet = dir.path().join("resnet18.safetensors");
-    feature_server::weights::formula::write_safetensors(BackboneKind::Resnet18, &resnet)?;
+    let resnet = dir.path().join("backbone.safetensors");
+    feature_server::weights::formula::write_safetensors(backbone_kind(), &resnet)?;
 
     let (device, device_choice) = bench_device()?;
     println!(
         "feature-server throughput ({device_choice}, {} CPU threads available)",
         cores()
     );
-    println!("images: {source}; ResNet18 formula weights; fp32 224x224");
+    println!(
+        "images: {source}; {:?} formula weights; fp32 224x224",
+        backbone_kind()
+    );
     println!();
 
     // Other work on a shared machine slows whichever run it overlaps: alternate the parts over
@@ -79,7 +104,7 @@ fn main() -> BenchResult<()> {
         pre_ms = pre_ms.min(preprocess_ms(&photos)?);
         reset_peak_rss();
         let (backbone, _) =
-            Backbone::load(BackboneKind::Resnet18, &resnet, &device, Precision::F32)?;
+            Backbone::load(backbone_kind(), &resnet, &device, Precision::F32)?;
         for (i, &b) in BATCHES.iter().enumerate() {
             forward[i] = forward[i].min(forward_ms(&backbone, b, &pixels, &device)?);
         }
@@ -120,15 +145,12 @@ fn main() -> BenchResult<()> {
         let ips = 1000.0 / forward[i];
         let (e2e_ips, mean_batch) = e2e[i];
         println!(
-            "| {b} | {pre_ms:.2} | {:.1} | {ips:.1} | {:.2} (anchor {}) | {:.2} (anchor {}) | {:.2} (anchor {}) | {e2e_ips:.1} | {mean_batch:.1} | {:.2} |",
+            "| {b} | {pre_ms:.2} | {:.1} | {ips:.1} | {} | {} | {} | {e2e_ips:.1} | {mean_batch:.1} | {} |",
             forward[i],
-            ips / PYTORCH_EAGER[i],
-            PYTORCH_EAGER[i],
-            ips / ONNX_RUNTIME[i],
-            ONNX_RUNTIME[i],
-            ips / STOCK_CANDLE[i],
-            STOCK_CANDLE[i],
-            e2e_ips / PYTORCH_EAGER[i],
+            vs_anchor(ips, PYTORCH_EAGER[i]),
+            vs_anchor(ips, ONNX_RUNTIME[i]),
+            vs_anchor(ips, STOCK_CANDLE[i]),
+            vs_anchor(e2e_ips, PYTORCH_EAGER[i]),
         );
     }
 
@@ -145,15 +167,15 @@ fn main() -> BenchResult<()> {
             ""
         };
         println!(
-            "| {wait}{default} | {ips:.1} | {mean_batch:.1} | {:.2} (anchor {}) | {lone:.1} | {:.2} (anchor {}) |",
-            ips / ONNX_RUNTIME[2],
-            ONNX_RUNTIME[2],
-            lone / ONNX_RUNTIME[0],
-            ONNX_RUNTIME[0],
+            "| {wait}{default} | {ips:.1} | {mean_batch:.1} | {} | {lone:.1} | {} |",
+            vs_anchor(ips, ONNX_RUNTIME[2]),
+            vs_anchor(lone, ONNX_RUNTIME[0]),
         );
     }
 
-    if std::env::var_os("TAXON_BENCH_SKIP_MOBILENET").is_none() {
+    if std::env::var_os("TAXON_BENCH_SKIP_MOBILENET").is_none()
+        && backbone_kind() != BackboneKind::MobileNetV2
+    {
         let mobilenet = dir.path().join("mobilenet_v2.safetensors");
         feature_server::weights::formula::write_safetensors(BackboneKind::MobileNetV2, &mobilenet)?;
         let (backbone, _) = Backbone::load(
@@ -180,7 +202,7 @@ fn main() -> BenchResult<()> {
         serving_peak / 1024
     );
     println!(
-        "peak RSS (VmHWM) over the in-process ResNet18 forward runs: {} MiB",
+        "peak RSS (VmHWM) over the in-process forward runs: {} MiB",
         forward_peak / 1024
     );
     println!("(best of {ROUNDS} alternated rounds per figure)");
@@ -343,7 +365,7 @@ async fn serve(
 )> {
     let config = Config {
         device,
-        backbone: BackboneKind::Resnet18,
+        backbone: backbone_kind(),
         weights: weights.to_path_buf(),
         max_batch: b,
         max_wait,
