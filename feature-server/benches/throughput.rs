@@ -103,8 +103,7 @@ fn main() -> BenchResult<()> {
     for _round in 0..ROUNDS {
         pre_ms = pre_ms.min(preprocess_ms(&photos)?);
         reset_peak_rss();
-        let (backbone, _) =
-            Backbone::load(backbone_kind(), &resnet, &device, Precision::F32)?;
+        let (backbone, _) = Backbone::load(backbone_kind(), &resnet, &device, Precision::F32)?;
         for (i, &b) in BATCHES.iter().enumerate() {
             forward[i] = forward[i].min(forward_ms(&backbone, b, &pixels, &device)?);
         }
