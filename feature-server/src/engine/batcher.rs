@@ -149,6 +149,16 @@ impl Batcher {
         self.metrics
             .forward_seconds
             .observe(forward_started.elapsed().as_secs_f64());
+        // A batch serves many requests: it names their traces, so that a request's trace leads
+        // to the forward pass that served it. Logged before anyone is answered, like the count.
+        let trace_ids: Vec<String> = traces.iter().map(|t| format!("{t:032x}")).collect();
+        tracing::debug!(
+            batch = n,
+            images,
+            trace_ids = %trace_ids.join(","),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch done"
+        );
         match result {
             Ok(rows) => {
                 let mut rows = rows.into_iter();
@@ -164,16 +174,6 @@ impl Batcher {
                 }
             }
         }
-        // A batch serves many requests: it names their traces, so that a request's trace leads
-        // to the forward pass that served it.
-        let trace_ids: Vec<String> = traces.iter().map(|t| format!("{t:032x}")).collect();
-        tracing::debug!(
-            batch = n,
-            images,
-            trace_ids = %trace_ids.join(","),
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "batch done"
-        );
     }
 
     /// `n` images laid end to end -> `n` embeddings. A panic inside candle becomes an error.
