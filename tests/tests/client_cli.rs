@@ -341,8 +341,8 @@ fn check_dump(dump: &Path, root: &Path) {
         assert_eq!(sp["train"].as_array().unwrap().len(), 4 * k);
         assert_eq!(sp["test"].as_array().unwrap().len(), 4 * (4 - k));
     }
-    // The default head and the four kinds, for each of the four splits.
-    assert_eq!(answers_of(dump).len(), 20);
+    // The default head and the five kinds, for each of the four splits.
+    assert_eq!(answers_of(dump).len(), 24);
 }
 
 /// Every head's answers in predictions.jsonl, without the training times.
