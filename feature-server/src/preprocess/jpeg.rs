@@ -136,13 +136,23 @@ struct Component {
     v: u8,
 }
 
+/// Bits of lookahead in [`Huffman::fast`]: most symbols of real photos have codes this short.
+const FAST_BITS: u32 = 9;
+
 /// A canonical Huffman table as JPEG defines it (F.2.2.3): per code length, the largest code
-/// and the index of its first value.
+/// and the index of its first value; and a table indexed by the next [`FAST_BITS`] bits.
+///
+/// Why the table: read one code length at a time, this walk cost more than zune-jpeg's whole
+/// decode of the same photo (2.1 against 1.2 ms for a 500x375 pet photo), and it runs on every
+/// JPEG before the decoder does.
 #[derive(Clone)]
 struct Huffman {
     max_code: [i32; 17],
     val_offset: [i32; 17],
     values: Vec<u8>,
+    /// `length << 8 | value` of the code the next FAST_BITS bits start with; 0 where that
+    /// code is longer (then the lengths are tried one by one).
+    fast: Vec<u16>,
 }
 
 impl Huffman {
@@ -161,10 +171,28 @@ impl Huffman {
             code <<= 1;
         }
         let k = usize::try_from(k).ok()?;
+        let values = values.get(..k)?.to_vec();
+        let mut fast = vec![0u16; 1 << FAST_BITS];
+        let (mut code, mut at) = (0usize, 0usize);
+        for len in 1..=FAST_BITS {
+            for _ in 0..*counts.get(len as usize - 1)? {
+                let shift = FAST_BITS - len;
+                let entry = (len as u16) << 8 | u16::from(*values.get(at)?);
+                // A table with more codes than lengths allow (corrupt) leaves the rest to the
+                // slow path, which answers it as it always did.
+                if let Some(slots) = fast.get_mut(code << shift..(code + 1) << shift) {
+                    slots.fill(entry);
+                }
+                code += 1;
+                at += 1;
+            }
+            code <<= 1;
+        }
         Some(Huffman {
             max_code,
             val_offset,
-            values: values.get(..k)?.to_vec(),
+            values,
+            fast,
         })
     }
 }
@@ -220,6 +248,23 @@ impl<'a> Bits<'a> {
 
     /// One Huffman symbol; `Ok(None)` for a code no table has (corrupt, not short).
     fn symbol(&mut self, table: &Huffman) -> std::result::Result<Option<u8>, Exhausted> {
+        if self.count < 16 {
+            self.refill();
+        }
+        if self.count >= FAST_BITS {
+            let next = ((self.acc >> (self.count - FAST_BITS)) & ((1 << FAST_BITS) - 1)) as usize;
+            let entry = table.fast[next];
+            if entry != 0 {
+                self.count -= u32::from(entry >> 8);
+                return Ok(Some(entry as u8));
+            }
+        }
+        self.symbol_by_length(table)
+    }
+
+    /// [`Self::symbol`] one code length at a time: for codes longer than FAST_BITS, and
+    /// where fewer bits than that are left.
+    fn symbol_by_length(&mut self, table: &Huffman) -> std::result::Result<Option<u8>, Exhausted> {
         if self.count < 16 {
             self.refill();
         }
@@ -517,6 +562,29 @@ fn split_restarts(data: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lookup table answers exactly what reading one code length at a time answers, for
+    /// every 16-bit input, on JPEG's standard luminance AC table and on an over-full one.
+    #[test]
+    fn the_fast_table_agrees_with_the_length_by_length_read() {
+        // ITU T.81 table K.5 (luminance AC): counts per length; values in order.
+        let k5: [u8; 16] = [0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 0x7d];
+        let values: Vec<u8> = (0..=255u8).collect();
+        let overfull: [u8; 16] = [3, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        for counts in [k5, overfull] {
+            let table = Huffman::parse(&counts, &values).expect("a table");
+            for pattern in 0..=u16::MAX {
+                let data = pattern.to_be_bytes();
+                if data.contains(&0xFF) {
+                    continue; // stuffing: not a plain 16 bits
+                }
+                let (mut fast, mut slow) = (Bits::new(&data), Bits::new(&data));
+                let a = fast.symbol(&table).ok();
+                let b = slow.symbol_by_length(&table).ok();
+                assert_eq!((a, fast.count), (b, slow.count), "{pattern:016b}");
+            }
+        }
+    }
 
     fn segment_bytes(marker: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![0xFF, marker];
