@@ -143,22 +143,16 @@ fn dual_and_primal_solves_agree() {
         let primal = lda::lda_fit(&a, &ts.y, classes, &gammas, Form::Primal).unwrap();
         for ((d, p), g) in dual.iter().zip(&primal).zip(gammas) {
             let (d, p) = (d.as_ref().unwrap(), p.as_ref().unwrap());
+            let max_abs = |t: &Tensor| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
             for (x, y) in [(&d.p, &p.p), (&d.b, &p.b)] {
-                let scale = y
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let diff = (x - y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let (scale, diff) = (max_abs(y), max_abs(&(x - y).unwrap()));
                 assert!(
                     diff <= 1e-4 * scale,
                     "n = {}, gamma {g}: {diff} of {scale}",

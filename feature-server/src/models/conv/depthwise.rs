@@ -9,6 +9,13 @@
 /// Channels per accumulator chunk: two AVX2 vectors, one AVX-512 vector.
 const CHUNK: usize = 16;
 
+/// Largest depthwise kernel side: the tap rows of an output row fit in a fixed array, so
+/// the per-row hot loop never allocates.
+pub(super) const MAX_KERNEL: usize = 7;
+
+/// The input rows under each kernel row; entries past the kernel side stay `None`.
+pub(super) type Taps<'x> = [Option<&'x [f32]>; MAX_KERNEL];
+
 /// A depthwise layer's geometry and weights.
 #[derive(Clone, Copy)]
 pub(super) struct DepthwiseRow<'a> {
@@ -29,18 +36,33 @@ impl DepthwiseRow<'_> {
         (self.in_w + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
+    /// The input rows under output row `oy`: `row(iy)` is input row `iy` (of `in_h`), and rows
+    /// in the padding are `None`. Shared by the plain layer and the fused block's window.
+    #[inline(always)]
+    pub fn taps<'x>(&self, oy: usize, in_h: usize, row: impl Fn(usize) -> &'x [f32]) -> Taps<'x> {
+        let mut taps: Taps<'x> = [None; MAX_KERNEL];
+        for (ky, tap) in taps.iter_mut().enumerate().take(self.kernel) {
+            *tap = (oy * self.stride + ky)
+                .checked_sub(self.padding)
+                .filter(|&iy| iy < in_h)
+                .map(&row);
+        }
+        taps
+    }
+
     /// `out = clamp(bias + sum of taps [+ residual], lo, hi)` for one output row of
     /// `out_w() * channels` values; `rows[ky]` is the input row under kernel row `ky`, or
     /// `None` where that row is padding. Call inside [`super::isa::vectorized`].
     #[inline(always)]
     pub fn run(
         &self,
-        rows: &[Option<&[f32]>],
+        taps: &Taps<'_>,
         out: &mut [f32],
         residual: Option<&[f32]>,
         bounds: (f32, f32),
     ) {
         let c = self.channels;
+        let rows = &taps[..self.kernel];
         let out = &mut out[..self.out_w() * c];
         // The interior pixels of a 3x3 with padding 1, 8 channels at a time, by the SIMD
         // kernel; what it leaves (edge pixels, channels past the last 8) by the portable loop.

@@ -185,12 +185,7 @@ impl FusedBlock {
                     hi = need_hi;
                 }
                 for oy in g0..g1 {
-                    let taps: Vec<Option<&[f32]>> = (0..k)
-                        .map(|ky| {
-                            let iy = (oy * s + ky).checked_sub(p)?;
-                            (iy < hs.h).then(|| &window[(iy - lo) * row_in..][..row_in])
-                        })
-                        .collect();
+                    let taps = dw.taps(oy, hs.h, |iy| &window[(iy - lo) * row_in..][..row_in]);
                     dw.run(
                         &taps,
                         &mut mid[(oy - g0) * row_mid..][..row_mid],

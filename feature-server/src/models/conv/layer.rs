@@ -11,7 +11,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::depthwise::DepthwiseRow;
+use super::depthwise::{DepthwiseRow, MAX_KERNEL};
 use super::gemm::{Epilogue, NR, PackedB, gemm, gemm_panels};
 use super::isa::{isa, vectorized};
 use super::winograd::Winograd;
@@ -74,6 +74,7 @@ impl Conv {
                     w[t * co + c] = weight[c * k * k + t];
                 }
             }
+            assert!(k <= MAX_KERNEL, "depthwise kernel {k} over {MAX_KERNEL}");
             Method::Depthwise(w)
         } else {
             assert_eq!(spec.groups, 1, "grouped convolutions other than depthwise");
@@ -232,12 +233,7 @@ impl Conv {
             .enumerate()
             .for_each(|(row, orow)| {
                 let (b, oy) = (row / os.h, row % os.h);
-                let taps: Vec<Option<&[f32]>> = (0..dw.kernel)
-                    .map(|ky| {
-                        let iy = (oy * dw.stride + ky).checked_sub(dw.padding)?;
-                        (iy < xs.h).then(|| &x[(b * xs.h + iy) * row_len..][..row_len])
-                    })
-                    .collect();
+                let taps = dw.taps(oy, xs.h, |iy| &x[(b * xs.h + iy) * row_len..][..row_len]);
                 let r = residual.map(|r| &r[row * os.w * os.c..][..os.w * os.c]);
                 vectorized(|| dw.run(&taps, orow, r, (lo, hi)));
             });
