@@ -5,7 +5,7 @@
 //! place, row-major, wherever they live (a plain NHWC activation, Winograd's transformed
 //! tiles, a small im2col block), so nothing is copied into a packed layout; and bias, residual add and
 //! ReLU/ReLU6 are applied to the accumulators while they are still in registers, so a layer's
-//! output is written exactly once. Kernels: AVX-512 (12 rows x 32 columns), AVX2+FMA (3 x 32),
+//! output is written exactly once. Kernels: AVX-512 (12 rows x 32 columns), AVX2+FMA (3 x 32 or 6 x 16),
 //! and a portable fallback, chosen at run time.
 
 use std::ops::Range;
@@ -206,6 +206,7 @@ impl Tile<'_> {
 }
 
 /// The tile, handed to the SIMD kernels.
+#[derive(Clone, Copy)]
 pub struct TileParts<'a> {
     pub k: usize,
     /// `rows` rows of `k` values, `lda` apart.
@@ -233,6 +234,9 @@ mod tests {
             (13, 7, 33, 2),
             (25, 64, 24, 3),
             (40, 147, 64, 4),
+            (7, 5, 16, 5),
+            (19, 12, 8, 6),
+            (11, 9, 20, 7),
         ] {
             let a = rand_vec(m * k, seed);
             let bm = rand_vec(k * n, seed + 10);

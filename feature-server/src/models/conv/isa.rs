@@ -19,7 +19,7 @@ impl Isa {
     pub fn mr(self) -> usize {
         match self {
             Isa::Avx512 => 12,
-            Isa::Avx2 => 3,
+            Isa::Avx2 => 6,
             Isa::Portable => 4,
         }
     }

@@ -1,6 +1,7 @@
 //! The x86-64 microkernels behind [`super::gemm`]: a `rows x 32` block of the output,
 //! accumulated over the whole K in registers, then bias, residual and clamp, then one masked
-//! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators); AVX2: 3 rows x 4 vectors (12).
+//! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators); AVX2: 3 rows x 4 vectors or 6 x 2
+//! (12), by the panel's width.
 //! And the 3x3 depthwise row kernel behind [`super::depthwise`]: its nine tap weights held in
 //! registers, one fused multiply-add per tap.
 //!
@@ -25,6 +26,12 @@ macro_rules! by_rows {
     ($rows:expr, $f:ident, $t:expr, $out:expr, $ldo:expr, [$($r:literal),*]) => {
         match $rows {
             $($r => $f::<$r>($t, $out, $ldo),)*
+            other => unreachable!("tile of {other} rows"),
+        }
+    };
+    ($rows:expr, $f:ident, $v:literal, $t:expr, $out:expr, $ldo:expr, [$($r:literal),*]) => {
+        match $rows {
+            $($r => $f::<$r, $v>($t, $out, $ldo),)*
             other => unreachable!("tile of {other} rows"),
         }
     };
@@ -114,52 +121,111 @@ unsafe fn k512<const R: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
 }
 
 /// # Safety
-/// AVX2 and FMA must be available; as [`tile_avx512`].
+/// AVX2 and FMA must be available; as [`tile_avx512`], with at most 6 rows.
+///
+/// The tile's shape follows its columns, so that no multiply is spent on padding: panels of
+/// 17-32 columns run 3 rows x 3-4 vectors at a time, narrower ones (the 16- and 24-channel
+/// layers of MobileNetV2's first blocks are half or three quarters of a panel) 6 rows x 1-2
+/// vectors. Either way 9-12 accumulators, enough to hide the FMA latency.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn tile_avx2(t: TileParts, out: &mut [f32], ldo: usize) {
-    // SAFETY: forwarded from the caller.
-    unsafe { by_rows!(t.rows, k256, &t, out, ldo, [1, 2, 3]) }
+    debug_assert!(t.rows <= 6 && t.cols <= NR);
+    let vectors = t.cols.div_ceil(8);
+    // SAFETY: forwarded from the caller; each part covers its own rows of `t` and `out`.
+    unsafe {
+        if vectors <= 2 {
+            return match vectors {
+                1 => by_rows!(t.rows, k256, 1, &t, out, ldo, [1, 2, 3, 4, 5, 6]),
+                _ => by_rows!(t.rows, k256, 2, &t, out, ldo, [1, 2, 3, 4, 5, 6]),
+            };
+        }
+        for r0 in (0..t.rows).step_by(3) {
+            let part = TileParts {
+                a: &t.a[r0 * t.lda..],
+                res: t.res.map(|(r, ldr)| (&r[r0 * ldr..], ldr)),
+                rows: 3.min(t.rows - r0),
+                ..t
+            };
+            let o = &mut out[r0 * ldo..];
+            match vectors {
+                3 => by_rows!(part.rows, k256, 3, &part, o, ldo, [1, 2, 3]),
+                _ => by_rows!(part.rows, k256, 4, &part, o, ldo, [1, 2, 3]),
+            }
+        }
+    }
 }
 
+/// `R` rows x `V` vectors of 8 columns. Full vectors are stored plainly: AMD's Zen 1-3 run a
+/// masked store (`vmaskmovps`) as a long microcoded sequence, which cost more than the
+/// multiplies themselves on the small-K layers; only a partial last vector takes the mask.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn k256<const R: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
+unsafe fn k256<const R: usize, const V: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
     debug_assert!(t.a.len() >= (R - 1) * t.lda + t.k && t.b.len() >= t.k * NR);
-    // SAFETY: as in `k512`; masked lanes are never touched.
+    // SAFETY: as in `k512`; masked lanes are never touched, full vectors lie below t.cols.
     unsafe {
         let b = t.b.as_ptr();
         let rows: [*const f32; R] = std::array::from_fn(|i| t.a.as_ptr().add(i * t.lda));
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        for kk in 0..t.k {
-            let av: [__m256; R] = std::array::from_fn(|i| _mm256_set1_ps(*rows[i].add(kk)));
-            for v in 0..4 {
-                let bv = _mm256_loadu_ps(b.add(kk * NR + 8 * v));
-                for (acc, av) in acc.iter_mut().zip(&av) {
-                    acc[v] = _mm256_fmadd_ps(*av, bv, acc[v]);
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        // Whichever operand has fewer vectors is held in registers for the step, the other is
+        // loaded as it is used, so that accumulators + held values stay within the 16 ymm
+        // registers (3x4: 3 row broadcasts held; 6x2: 2 weight vectors held).
+        if R <= V {
+            for kk in 0..t.k {
+                let av: [__m256; R] =
+                    std::array::from_fn(|i| _mm256_broadcast_ss(&*rows[i].add(kk)));
+                for v in 0..V {
+                    let bv = _mm256_loadu_ps(b.add(kk * NR + 8 * v));
+                    for (acc, av) in acc.iter_mut().zip(&av) {
+                        acc[v] = _mm256_fmadd_ps(*av, bv, acc[v]);
+                    }
+                }
+            }
+        } else {
+            for kk in 0..t.k {
+                let bv: [__m256; V] =
+                    std::array::from_fn(|v| _mm256_loadu_ps(b.add(kk * NR + 8 * v)));
+                for (row, acc) in rows.iter().zip(acc.iter_mut()) {
+                    let av = _mm256_broadcast_ss(&*row.add(kk));
+                    for v in 0..V {
+                        acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
+                    }
                 }
             }
         }
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mut m = [_mm256_setzero_si256(); 4];
-        for (v, m) in m.iter_mut().enumerate() {
+        let full = |v: usize| t.cols >= 8 * (v + 1);
+        let mask: [__m256i; V] = std::array::from_fn(|v| {
             let left = t.cols.saturating_sub(8 * v).min(8) as i32;
-            *m = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes);
-        }
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes)
+        });
+        let bias: [__m256; V] = std::array::from_fn(|v| {
+            if t.use_bias {
+                _mm256_loadu_ps(t.bias.as_ptr().add(8 * v))
+            } else {
+                _mm256_setzero_ps()
+            }
+        });
         let (lo, hi) = (_mm256_set1_ps(t.lo), _mm256_set1_ps(t.hi));
         let o = out.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
-            for v in 0..4 {
-                let mut y = acc[v];
-                if t.use_bias {
-                    y = _mm256_add_ps(y, _mm256_loadu_ps(t.bias.as_ptr().add(8 * v)));
-                }
+            for v in 0..V {
+                let mut y = _mm256_add_ps(acc[v], bias[v]);
                 if let Some((r, ldr)) = t.res {
-                    y = _mm256_add_ps(
-                        y,
-                        _mm256_maskload_ps(r.as_ptr().wrapping_add(i * ldr + 8 * v), m[v]),
-                    );
+                    let p = r.as_ptr().wrapping_add(i * ldr + 8 * v);
+                    let rv = if full(v) {
+                        _mm256_loadu_ps(p)
+                    } else {
+                        _mm256_maskload_ps(p, mask[v])
+                    };
+                    y = _mm256_add_ps(y, rv);
                 }
                 y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
-                _mm256_maskstore_ps(o.wrapping_add(i * ldo + 8 * v), m[v], y);
+                let p = o.wrapping_add(i * ldo + 8 * v);
+                if full(v) {
+                    _mm256_storeu_ps(p, y);
+                } else {
+                    _mm256_maskstore_ps(p, mask[v], y);
+                }
             }
         }
     }
