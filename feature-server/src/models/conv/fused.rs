@@ -5,8 +5,8 @@
 //! an image, in block 2) to memory and reads it back twice, and the network is bound by that
 //! traffic rather than by its multiply-adds. Here each task keeps a window of expanded input
 //! rows (the depthwise's k rows, plus those of the next few output rows) in a per-thread
-//! buffer small enough for L2: a row is expanded when the window first reaches it, slid down
-//! as the window moves, and each group of depthwise output rows is projected straight into
+//! buffer small enough for L2: a row is expanded when the window first reaches it into the
+//! slot of a row the window has left behind, and each group of depthwise output rows is projected straight into
 //! the block's output. The expanded tensor never exists whole. Only a band's first rows are
 //! expanded twice (its halo), so an image is split into bands only when there are fewer
 //! images than threads (batch 1).
@@ -166,26 +166,29 @@ impl FusedBlock {
         debug_assert!(!self.residual || (hs.h, hs.w) == (xs.h, xs.w));
         with_scratch(&WINDOW, window_rows * row_in + group * row_mid, |buf| {
             let (window, mid) = buf.split_at_mut(window_rows * row_in);
-            // Input rows [lo, hi) are expanded in `window`, row `lo` first.
-            let (mut lo, mut hi) = (0, 0);
+            // The window is a ring: input row `iy` lives in slot `iy % window_rows`, so that
+            // sliding it copies nothing (copying the kept rows down cost as much as expanding
+            // the new ones in the 112- and 56-wide blocks). Rows below `hi` are expanded;
+            // a group never needs more rows than there are slots, so none it needs is
+            // overwritten.
+            let mut hi = 0;
             for g0 in (oy0..oy1).step_by(group) {
                 let g1 = (g0 + group).min(oy1);
                 let need_lo = (g0 * s).saturating_sub(p);
                 let need_hi = ((g1 - 1) * s + k).saturating_sub(p).min(hs.h);
-                if need_lo < hi && lo <= need_lo {
-                    window.copy_within((need_lo - lo) * row_in..(hi - lo) * row_in, 0);
-                } else {
-                    hi = need_lo;
-                }
-                lo = need_lo;
-                if need_hi > hi {
-                    let pixels = ((b * hs.h + hi) * hs.w, (need_hi - hi) * hs.w);
-                    let o = &mut window[(hi - lo) * row_in..];
+                hi = hi.max(need_lo);
+                while hi < need_hi {
+                    let slot = hi % window_rows;
+                    let rows = (need_hi - hi).min(window_rows - slot);
+                    let pixels = ((b * hs.h + hi) * hs.w, rows * hs.w);
+                    let o = &mut window[slot * row_in..(slot + rows) * row_in];
                     self.expand.run_pixels(x, xs, pixels, o, Act::Relu6);
-                    hi = need_hi;
+                    hi += rows;
                 }
                 for oy in g0..g1 {
-                    let taps = dw.taps(oy, hs.h, |iy| &window[(iy - lo) * row_in..][..row_in]);
+                    let taps = dw.taps(oy, hs.h, |iy| {
+                        &window[(iy % window_rows) * row_in..][..row_in]
+                    });
                     dw.run(
                         &taps,
                         &mut mid[(oy - g0) * row_mid..][..row_mid],
