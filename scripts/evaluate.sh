@@ -19,19 +19,12 @@ cargo build -q --release -p feature-server -p head-trainer -p taxon-client
 bin=${CARGO_TARGET_DIR:-target}/release
 [ -f "$weights" ] || "$bin/feature-server" fetch-weights mobilenet_v2 --out weights
 work=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-fport=$(free_port)
-hport=$(free_port)
-"$bin/feature-server" --listen "127.0.0.1:$fport" --backbone mobilenet_v2 --weights "$weights" \
-  >"$work/feature-server.log" 2>&1 &
-fpid=$!
+source scripts/lib/services.sh
+trap stop_services EXIT
 # One user's batch job: far over the default rate quota, and each seed in its own tenant,
 # so the embeddings are shared between tenants (embedded once per run, not once per seed).
-"$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
-  --data "$work/data" --share-embedding-cache --quota-rps 0 >"$work/head-trainer.log" 2>&1 &
-hpid=$!
-trap 'kill $hpid $fpid 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-server="http://127.0.0.1:$hport"
+start_services "$bin" "$work" --backbone mobilenet_v2 --weights "$weights" \
+  -- --share-embedding-cache --quota-rps 0
 "$bin/client" --server "$server" health --wait 120
 lscpu | grep -m1 'Model name' || true
 for set in "${sets[@]}"; do

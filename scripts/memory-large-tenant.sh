@@ -15,22 +15,15 @@ bin=${CARGO_TARGET_DIR:-target}/release
 weights=weights/mobilenet_v2.safetensors
 [ -f "$weights" ] || "$bin/feature-server" fetch-weights mobilenet_v2 --out weights
 work=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-fport=$(free_port)
-hport=$(free_port)
-"$bin/feature-server" --listen "127.0.0.1:$fport" --backbone mobilenet_v2 --weights "$weights" \
-  >"$work/feature-server.log" 2>&1 &
-fpid=$!
-# shellcheck disable=SC2086 # HT_ENV and HT_ARGS are word lists on purpose
-env ${HT_ENV:-} "$bin/head-trainer" --listen "127.0.0.1:$hport" \
-  --features-url "http://127.0.0.1:$fport" --data "$work/data" --share-embedding-cache \
-  --quota-rps 0 ${HT_ARGS:-} >"$work/head-trainer.log" 2>&1 &
-hpid=$!
-trap 'kill $hpid $fpid 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-"$bin/client" --server "http://127.0.0.1:$hport" health --wait 120
+source scripts/lib/services.sh
+trap stop_services EXIT
+# shellcheck disable=SC2086 # HT_ARGS is a word list on purpose (HT_ENV: see services.sh)
+start_services "$bin" "$work" --backbone mobilenet_v2 --weights "$weights" \
+  -- --share-embedding-cache --quota-rps 0 ${HT_ARGS:-}
+"$bin/client" --server "$server" health --wait 120
 lscpu | grep -m1 'Model name' || true
 started=$SECONDS
-"$bin/client" --server "http://127.0.0.1:$hport" eval "$datasets/birds" --shots 1 --seeds 1 \
+"$bin/client" --server "$server" eval "$datasets/birds" --shots 1 --seeds 1 \
   --heads prototype --save-embeddings "$work/embeddings" --out "$work/report" >/dev/null
 echo "embedded and enrolled $(($(wc -l <"$work/embeddings/photos.tsv") - 1)) photos in $((SECONDS - started)) s"
 for p in "head-trainer $hpid" "feature-server $fpid"; do

@@ -24,16 +24,10 @@ bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 "$bin/feature-server" formula-weights resnet18 --out "$work/resnet18.safetensors" >/dev/null
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-fport=$(free_port)
-hport=$(free_port)
-"$bin/feature-server" --listen "127.0.0.1:$fport" --backbone resnet18 \
-  --weights "$work/resnet18.safetensors" >"$work/fs.log" 2>&1 &
-fpid=$!
+source scripts/lib/services.sh
 # Per-tenant quotas off: the load is one tenant's, against the server-wide bounds.
-"$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
-  --data "$work/data" --quota-rps 0 --quota-concurrent-enrolls 0 >"$work/ht.log" 2>&1 &
-hpid=$!
+start_services "$bin" "$work" --backbone resnet18 --weights "$work/resnet18.safetensors" \
+  -- --quota-rps 0 --quota-concurrent-enrolls 0
 python3 - "$fpid" "$hpid" "$work/rss.tsv" <<'EOF' &
 import sys, time
 fpid, hpid, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -53,9 +47,9 @@ with open(out, "w", buffering=1) as f:
         time.sleep(0.2)
 EOF
 spid=$!
-cleanup() { kill "$hpid" "$fpid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { stop_services; rm -rf "$work"; }
 trap cleanup EXIT
-export TAXON_SERVER="http://127.0.0.1:$hport" TAXON_TENANT=memory
+export TAXON_SERVER="$server" TAXON_TENANT=memory
 "$bin/client" health --wait 120 >/dev/null
 
 mark() { printf '%s\t%s\n' "$(date +%s.%N)" "$1" >>"$work/marks.tsv"; }

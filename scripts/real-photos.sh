@@ -43,19 +43,12 @@ cargo build -q $profile_flag -p feature-server -p head-trainer -p taxon-client
 target_dir=${CARGO_TARGET_DIR:-target}
 bin=$target_dir/debug; [ "$profile_flag" = "--release" ] && bin=$target_dir/release
 work=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-fport=$(free_port); hport=$(free_port)
-"$bin/feature-server" --listen "127.0.0.1:$fport" --backbone mobilenet_v2 --weights "$weights" \
-  >"$work/feature-server.log" 2>&1 &
-fpid=$!
+source scripts/lib/services.sh
+trap stop_services EXIT
 # An evaluation is one user's batch job: it classifies cached photos far faster than the
 # default --quota-rps, so the rate quota is off here.
-"$bin/head-trainer" --listen "127.0.0.1:$hport" --features-url "http://127.0.0.1:$fport" \
-  --data "$work/data" --share-embedding-cache --quota-rps 0 >"$work/head-trainer.log" 2>&1 &
-hpid=$!
-cleanup() { kill "$hpid" "$fpid" 2>/dev/null || true; wait 2>/dev/null || true; }
-trap cleanup EXIT
-server="http://127.0.0.1:$hport"
+start_services "$bin" "$work" --backbone mobilenet_v2 --weights "$weights" \
+  -- --share-embedding-cache --quota-rps 0
 "$bin/client" --server "$server" health --wait 120
 "$bin/client" --server "$server" eval "$datasets/pets" --shots 5 --seeds 5 --heads prototype \
   --save-embeddings target/eval-ci/embeddings --out target/eval-ci
