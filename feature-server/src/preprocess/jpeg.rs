@@ -288,17 +288,19 @@ impl<'a> Bits<'a> {
         Ok(((self.acc >> self.count) & ((1u64 << n) - 1)) as u32)
     }
 
-    /// Steps over one nonzero AC coefficient found whole in [`Huffman::fast_ac`]: how far
-    /// it moves the coefficient index, or `None` (nothing read) where the slow path must.
-    fn fast_coefficient(&mut self, table: &Huffman) -> Option<u32> {
+    /// The next FAST_BITS bits, unread, after a refill; `None` where fewer are left.
+    fn peek_fast(&mut self) -> Option<usize> {
         if self.count < 16 {
             self.refill();
         }
-        if self.count < FAST_BITS {
-            return None;
-        }
-        let next = ((self.acc >> (self.count - FAST_BITS)) & ((1 << FAST_BITS) - 1)) as usize;
-        let entry = table.fast_ac[next];
+        (self.count >= FAST_BITS)
+            .then(|| ((self.acc >> (self.count - FAST_BITS)) & ((1 << FAST_BITS) - 1)) as usize)
+    }
+
+    /// Steps over one nonzero AC coefficient found whole in [`Huffman::fast_ac`]: how far
+    /// it moves the coefficient index, or `None` (nothing read) where the slow path must.
+    fn fast_coefficient(&mut self, table: &Huffman) -> Option<u32> {
+        let entry = table.fast_ac[self.peek_fast()?];
         if entry == 0 {
             return None;
         }
@@ -308,11 +310,7 @@ impl<'a> Bits<'a> {
 
     /// One Huffman symbol; `Ok(None)` for a code no table has (corrupt, not short).
     fn symbol(&mut self, table: &Huffman) -> std::result::Result<Option<u8>, Exhausted> {
-        if self.count < 16 {
-            self.refill();
-        }
-        if self.count >= FAST_BITS {
-            let next = ((self.acc >> (self.count - FAST_BITS)) & ((1 << FAST_BITS) - 1)) as usize;
+        if let Some(next) = self.peek_fast() {
             let entry = table.fast[next];
             if entry != 0 {
                 self.count -= u32::from(entry >> 8);

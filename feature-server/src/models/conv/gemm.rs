@@ -5,8 +5,8 @@
 //! place, row-major, wherever they live (a plain NHWC activation, Winograd's transformed
 //! tiles, a small im2col block), so nothing is copied into a packed layout; and bias, residual add and
 //! ReLU/ReLU6 are applied to the accumulators while they are still in registers, so a layer's
-//! output is written exactly once. Kernels: AVX-512 (12 rows x 32 columns), AVX2+FMA (3 x 32 or 6 x 16),
-//! and a portable fallback, chosen at run time.
+//! output is written exactly once. Kernels: AVX-512 (12 rows x 32 columns), AVX2+FMA (3 x 32
+//! or 6 x 16), and a portable fallback, chosen at run time.
 
 use std::ops::Range;
 

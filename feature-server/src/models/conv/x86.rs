@@ -1,7 +1,7 @@
 //! The x86-64 microkernels behind [`super::gemm`]: a `rows x 32` block of the output,
 //! accumulated over the whole K in registers, then bias, residual and clamp, then one masked
-//! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators); AVX2: 3 rows x 4 vectors or 6 x 2
-//! (12), by the panel's width.
+//! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators); AVX2: 3 rows x 4 vectors or
+//! 6 x 2 (12), by the panel's width.
 //! And the 3x3 depthwise row kernel behind [`super::depthwise`]: its nine tap weights held in
 //! registers, one fused multiply-add per tap.
 //!
