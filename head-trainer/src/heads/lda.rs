@@ -22,7 +22,7 @@ use rand::seq::SliceRandom;
 use super::linalg::{self, Cholesky};
 use super::prototype::{Prototype, l2_normalize};
 use super::train::{TrainOptions, TrainSet, class_sums, rng};
-use super::{get, temperature};
+use super::{get, lda_loo, temperature};
 use crate::{Error, Result};
 
 /// Shrinkages tried, in units of the average residual variance `tr(S_w) / d`.
@@ -31,17 +31,14 @@ pub const GAMMAS: [f64; 5] = [1.0, 3.0, 10.0, 30.0, 100.0];
 pub const NCM_SCALE: f64 = 20.0;
 /// At most this many folds (fewer when a class has fewer photos).
 pub const MAX_FOLDS: usize = 4;
-/// The final head's temperature is the CV-fitted one divided by this: fold models see fewer
-/// photos than the final head, so their logits are less sure (the study's calibration).
-pub const CV_TEMPERATURE_RATIO: f64 = 1.3;
-/// The final temperature is at least the largest held-out gap between the best and the
-/// second-best logit divided by this: where cross-validation makes no mistake the fitted T
-/// runs to the bottom of its range, and softmax would round every class but one to exactly
-/// 0 (then nothing is left to renormalise when a class is removed). e^-50 is far from f32's
-/// underflow, with room for test photos a margin twice the held-out one.
+/// The final temperature is at least the largest leave-one-out gap between the best and the
+/// second-best logit divided by this: where leave-one-out makes no mistake the fitted T runs
+/// to the bottom of its range, and softmax would round every class but one to exactly 0
+/// (then nothing is left to renormalise when a class is removed). e^-50 is far from f32's
+/// underflow, with room for test photos a margin twice the training one.
 pub const MAX_RUNNER_UP_NATS: f64 = 50.0;
 /// Floor of every norm and of the residual variance.
-const EPS: f64 = 1e-12;
+pub(super) const EPS: f64 = 1e-12;
 
 /// The transform applied to an embedding before centring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +114,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn logits(&self, a: &Tensor) -> Result<Tensor> {
+    pub(super) fn logits(&self, a: &Tensor) -> Result<Tensor> {
         Ok(a.matmul(&self.p)?.broadcast_add(&self.b)?)
     }
 }
@@ -145,10 +142,11 @@ impl Lda {
         let classes = ts.classes.len();
         let x = ts.x_tensor()?;
         let k_min = counts(&ts.y, classes).into_iter().min().unwrap_or(0);
-        let (mut config, mut temperature) = if classes < 2 || k_min < 2 {
-            (FALLBACK, 1.0)
-        } else {
+        let cross_validated = classes >= 2 && k_min >= 2;
+        let mut config = if cross_validated {
             select(&x, &ts.y, classes, k_min.min(MAX_FOLDS), opts.seed)?
+        } else {
+            FALLBACK
         };
         let (mu, a) = prepare(&x, config.power)?;
         let linear = match fit_models(&a, &ts.y, classes, &[config.model], Form::Auto)?.pop() {
@@ -157,9 +155,18 @@ impl Lda {
             // covariance to shrink, nearest class mean on the same rows.
             _ => {
                 config.model = Model::Ncm;
-                temperature = 1.0;
                 ncm(&a, &ts.y, classes)?
             }
+        };
+        // Every class has a second photo to stand in for a left-out one: the temperature that
+        // makes the final head's own leave-one-out answers honest (issue #15: fold models'
+        // logits, from fewer photos, were less sure than the final head's on test photos).
+        let temperature = if cross_validated {
+            let loo = lda_loo::logits(&a, &ts.y, classes, config.model, &linear)?;
+            let t = temperature::fit(&loo, &ts.y, classes);
+            t.max(temperature::largest_runner_up_gap(&loo, classes) / MAX_RUNNER_UP_NATS)
+        } else {
+            1.0
         };
         tracing::debug!(?config, temperature, "lda head chosen by cross-validation");
         Ok(Self {
@@ -237,7 +244,7 @@ impl Lda {
 }
 
 /// Photos per class.
-fn counts(y: &[u32], classes: usize) -> Vec<usize> {
+pub(super) fn counts(y: &[u32], classes: usize) -> Vec<usize> {
     let mut c = vec![0usize; classes];
     for &v in y {
         c[v as usize] += 1;
@@ -269,9 +276,8 @@ pub fn folds_of(y: &[u32], classes: usize, folds: usize, seed: u64) -> Vec<usize
     fold
 }
 
-/// Step 5: the grid point with the best cross-validated accuracy (ties: the last) and the
-/// temperature fitted on its held-out logits (step 7).
-fn select(x: &Tensor, y: &[u32], classes: usize, folds: usize, seed: u64) -> Result<(Config, f64)> {
+/// Step 5: the grid point with the best cross-validated accuracy (ties: the last).
+fn select(x: &Tensor, y: &[u32], classes: usize, folds: usize, seed: u64) -> Result<Config> {
     let fold = folds_of(y, classes, folds, seed);
     let grid = grid();
     // Right answers per grid point; `None` once a fold could not fit it (no residuals).
@@ -292,32 +298,10 @@ fn select(x: &Tensor, y: &[u32], classes: usize, folds: usize, seed: u64) -> Res
         })?;
     }
     let best = right.iter().flatten().max().copied().unwrap_or(0);
-    let choice = (0..grid.len())
+    Ok((0..grid.len())
         .rev()
         .find(|&i| right[i] == Some(best))
-        .map_or(FALLBACK, |i| grid[i]);
-    // The chosen point's held-out logits again (cheaper than keeping every point's).
-    let (_, a) = prepare(x, choice.power)?;
-    let mut held_out = vec![0f32; y.len() * classes];
-    cross_validate(
-        &a,
-        y,
-        classes,
-        &fold,
-        folds,
-        &[choice.model],
-        |_, rows, logits| {
-            if let Some(l) = logits {
-                for (row, values) in rows.iter().zip(l.to_vec2::<f32>()?) {
-                    held_out[row * classes..(row + 1) * classes].copy_from_slice(&values);
-                }
-            }
-            Ok(())
-        },
-    )?;
-    let t = temperature::fit(&held_out, y, classes) / CV_TEMPERATURE_RATIO;
-    let floor = temperature::largest_runner_up_gap(&held_out, classes) / MAX_RUNNER_UP_NATS;
-    Ok((choice, t.max(floor)))
+        .map_or(FALLBACK, |i| grid[i]))
 }
 
 /// For each fold, fits `models` on the other folds' rows of `a` and hands `visit` the model's
@@ -404,12 +388,36 @@ pub fn fit_models(
 }
 
 /// Step 2: `P = NCM_SCALE * (unit class sums)^T`, `b = 0`.
-fn ncm(a: &Tensor, y: &[u32], classes: usize) -> Result<Linear> {
+pub(super) fn ncm(a: &Tensor, y: &[u32], classes: usize) -> Result<Linear> {
     let u = l2_normalize(&class_sums(a, y, classes)?)?;
     Ok(Linear {
         p: (u.t()?.contiguous()? * NCM_SCALE)?,
         b: Tensor::zeros(classes, DType::F32, a.device())?,
     })
+}
+
+/// Class means and residuals of unit rows `a`, the pieces every LDA fit shares.
+pub(super) struct Residuals {
+    /// Class means, `classes x d`.
+    pub m: Tensor,
+    /// Each row minus its class mean, `n x d`.
+    pub r: Tensor,
+    /// Average residual variance `tr(S_w) / d`, the unit of the shrinkage.
+    pub tau: f64,
+}
+
+/// `None` when the residuals vanish (no covariance to shrink).
+pub(super) fn residuals(a: &Tensor, y: &[u32], classes: usize) -> Result<Option<Residuals>> {
+    let (n, d) = a.dims2()?;
+    let dev = a.device();
+    let inv: Vec<f32> = counts(y, classes)
+        .into_iter()
+        .map(|c| 1.0 / c.max(1) as f32)
+        .collect();
+    let m = class_sums(a, y, classes)?.broadcast_mul(&Tensor::from_vec(inv, (classes, 1), dev)?)?;
+    let r = (a - m.index_select(&Tensor::from_slice(y, n, dev)?, 0)?)?;
+    let tau = r.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 / (n * d) as f64;
+    Ok((tau.is_finite() && tau > EPS).then_some(Residuals { m, r, tau }))
 }
 
 /// Step 3: shrinkage LDA for each of `gammas` on unit rows `a`:
@@ -423,17 +431,9 @@ pub fn lda_fit(
     form: Form,
 ) -> Result<Vec<Option<Linear>>> {
     let (n, d) = a.dims2()?;
-    let dev = a.device();
-    let inv: Vec<f32> = counts(y, classes)
-        .into_iter()
-        .map(|c| 1.0 / c.max(1) as f32)
-        .collect();
-    let m = class_sums(a, y, classes)?.broadcast_mul(&Tensor::from_vec(inv, (classes, 1), dev)?)?;
-    let r = (a - m.index_select(&Tensor::from_slice(y, n, dev)?, 0)?)?;
-    let tau = r.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 / (n * d) as f64;
-    if !tau.is_finite() || tau <= EPS {
+    let Some(Residuals { m, r, tau }) = residuals(a, y, classes)? else {
         return Ok(vec![None; gammas.len()]);
-    }
+    };
     let m64 = m.to_dtype(DType::F64)?;
     let mt = m64.t()?.contiguous()?; // d x C
     let dual = match form {

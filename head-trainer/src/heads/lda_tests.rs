@@ -19,7 +19,12 @@ fn normal(rng: &mut StdRng) -> f32 {
 /// Gaussian classes sharing one anisotropic covariance: the first `loud` (2) dimensions carry
 /// noise of std 4 and no signal; the others carry the class means (std `spread`, 0.25) under
 /// noise of std 0.3. (Cosine on this data is about 38 % right, LDA about 96 %.) An offset keeps every value positive, as post-ReLU embeddings are.
-fn anisotropic(classes: usize, per: usize, dim: usize, seed: u64) -> Vec<(u64, Vec<f32>)> {
+pub(super) fn anisotropic(
+    classes: usize,
+    per: usize,
+    dim: usize,
+    seed: u64,
+) -> Vec<(u64, Vec<f32>)> {
     let (loud, loud_sd, spread) = (2, 4.0, 0.25);
     let mut centre_rng = StdRng::seed_from_u64(77);
     let centres: Vec<Vec<f32>> = (0..classes)
