@@ -1,7 +1,7 @@
 //! The x86-64 microkernels behind [`super::gemm`]: a `rows x 32` block of the output,
 //! accumulated over the whole K in registers, then bias, residual and clamp, then one masked
-//! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators); AVX2: 3 rows x 4 vectors or
-//! 6 x 2 (12), by the panel's width.
+//! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators), or x 1 for a panel of 16
+//! columns or fewer; AVX2: 3 rows x 4 vectors or 6 x 2 (12), by the panel's width.
 //! And the 3x3 depthwise row kernel behind [`super::depthwise`]: its nine tap weights held in
 //! registers, one fused multiply-add per tap.
 //!
@@ -58,55 +58,70 @@ pub unsafe fn tile_avx512(_: TileParts, _: &mut [f32], _: usize) {
 pub unsafe fn tile_avx512(t: TileParts, out: &mut [f32], ldo: usize) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        by_rows!(
-            t.rows,
-            k512,
-            &t,
-            out,
-            ldo,
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-        )
+        // A panel of at most 16 columns (the 16-channel layers of MobileNetV2's first block)
+        // takes one vector a row: the second would multiply padding.
+        if t.cols <= 16 {
+            by_rows!(
+                t.rows,
+                k512,
+                1,
+                &t,
+                out,
+                ldo,
+                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+            )
+        } else {
+            by_rows!(
+                t.rows,
+                k512,
+                2,
+                &t,
+                out,
+                ldo,
+                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+            )
+        }
     }
 }
 
+/// `R` rows x `V` vectors of 16 columns. AVX-512 masked stores are cheap (unlike AVX2's
+/// `vmaskmovps` on AMD), so every vector takes its mask.
 #[rustversion::since(1.89)]
 #[target_feature(enable = "avx512f")]
-unsafe fn k512<const R: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
+unsafe fn k512<const R: usize, const V: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
     debug_assert!(t.a.len() >= (R - 1) * t.lda + t.k && t.b.len() >= t.k * NR);
     // SAFETY: every pointer below stays inside the slices the caller vouched for; the masked
     // loads and stores touch only columns < t.cols.
     unsafe {
         let b = t.b.as_ptr();
         let rows: [*const f32; R] = std::array::from_fn(|i| t.a.as_ptr().add(i * t.lda));
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // The bias seeds the accumulators (one add fewer per output vector, as in `k256`).
+        let seed: [__m512; V] = std::array::from_fn(|v| {
+            if t.use_bias {
+                _mm512_loadu_ps(t.bias.as_ptr().add(16 * v))
+            } else {
+                _mm512_setzero_ps()
+            }
+        });
+        let mut acc = [seed; R];
         for kk in 0..t.k {
-            let b0 = _mm512_loadu_ps(b.add(kk * NR));
-            let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+            let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(kk * NR + 16 * v)));
             for (row, acc) in rows.iter().zip(acc.iter_mut()) {
                 let av = _mm512_set1_ps(*row.add(kk));
-                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                for v in 0..V {
+                    acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
+                }
             }
         }
-        let mask = |from: usize| -> __mmask16 {
-            let n = t.cols.saturating_sub(from).min(16);
+        let m: [__mmask16; V] = std::array::from_fn(|v| {
+            let n = t.cols.saturating_sub(16 * v).min(16);
             ((1u32 << n) - 1) as __mmask16
-        };
-        let m = [mask(0), mask(16)];
-        let zero = _mm512_setzero_ps();
-        let bias = if t.use_bias {
-            [
-                _mm512_loadu_ps(t.bias.as_ptr()),
-                _mm512_loadu_ps(t.bias.as_ptr().add(16)),
-            ]
-        } else {
-            [zero, zero]
-        };
+        });
         let (lo, hi) = (_mm512_set1_ps(t.lo), _mm512_set1_ps(t.hi));
         let o = out.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
-            for v in 0..2 {
-                let mut y = _mm512_add_ps(acc[v], bias[v]);
+            for v in 0..V {
+                let mut y = acc[v];
                 if let Some((r, ldr)) = t.res {
                     y = _mm512_add_ps(
                         y,
