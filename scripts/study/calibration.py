@@ -6,8 +6,10 @@
 #   cv      the same without the divisor
 #   loo     leave-one-out logits of the FINAL head in closed form, only the photo's own class
 #           mean moved (the shrunk within-class covariance kept)
-#   loo-sm  the same with the photo's share of the covariance taken out too (Sherman-Morrison;
-#           what head-trainer/src/heads/lda_loo.rs does); NCM is left out exactly in both
+#   loo-sm  the same with the photo's share of the covariance taken out too (Sherman-Morrison);
+#           NCM is left out exactly in both
+#   loo-sm-n  loo-sm with the own-class logit carried from a mean of n_y - 1 photos to one of
+#           n_y (Gaussian model, no fitted constant): what head-trainer/src/heads/lda_loo.rs does
 #   loo-x   (--exact) exact leave-one-out: the head refitted without the photo, covariance,
 #           centring and shrinkage scale included; the reference the closed forms approximate
 #
@@ -75,7 +77,7 @@ def loo_logits(A, ytr, C, g):
     return Z
 
 
-def sm_loo_logits(A, ytr, C, g):
+def sm_loo_logits(A, ytr, C, g, to_n=False):
     """Leave-one-out logits with the photo's own class mean AND its share of the within-class
     scatter removed (Sherman-Morrison on Sigma; the shrinkage scale tau and the 1/n kept)."""
     n = len(A)
@@ -96,7 +98,14 @@ def sm_loo_logits(A, ytr, C, g):
     xr = wy + qy  # x Sigma^-1 r
     k = cnt[ytr] / (m1 * n)
     beta = k / (1 - k * qy)
-    return (xm + (beta * xr)[:, None] * rm) - (mm + beta[:, None] * rm**2) / 2
+    Z = (xm + (beta * xr)[:, None] * rm) - (mm + beta[:, None] * rm**2) / 2
+    if to_n:
+        # A new photo meets a class mean of n_y photos, the left-out one a mean of n_y - 1: under
+        # a Gaussian class the expected squared distance is s (1 + 1/n_y) against
+        # s (1 + 1/(n_y - 1)), so the own-class logit is raised by d_loo / (2 n_y^2), with
+        # d_loo = (n_y / (n_y - 1))^2 r Sigma'^-1 r and r Sigma'^-1 r = q / (1 - k q).
+        Z[i, ytr] += qy / (1 - k * qy) / (2 * m1 * m1)
+    return Z
 
 
 def ece_floor(S, T, draws=50, seed=0):
@@ -127,7 +136,7 @@ def exact_loo_logits(Xtr, ytr, C, power, g):
 
 def main():
     exact = "--exact" in sys.argv
-    methods = ["cv/1.3", "cv", "loo", "loo-sm"] + (["loo-x"] if exact else [])
+    methods = ["cv/1.3", "cv", "loo", "loo-sm", "loo-sm-n"] + (["loo-x"] if exact else [])
     for name, seeds in L.DATA.items():
         X, y, _, _, _ = load(f"/tmp/study/{name}.safetensors", f"/work/shared/datasets/{name}")
         C = y.max() + 1
@@ -153,7 +162,8 @@ def main():
                 t_cv = fit_temperature(cv[choice] * base, ytr)
                 temps = {"cv/1.3": t_cv / 1.3, "cv": t_cv,
                          "loo": fit_temperature(loo_logits(A, ytr, C, g), ytr),
-                         "loo-sm": fit_temperature(sm_loo_logits(A, ytr, C, g), ytr)}
+                         "loo-sm": fit_temperature(sm_loo_logits(A, ytr, C, g), ytr),
+                         "loo-sm-n": fit_temperature(sm_loo_logits(A, ytr, C, g, True), ytr)}
                 if exact:
                     temps["loo-x"] = fit_temperature(exact_loo_logits(Xtr, ytr, C, power, g), ytr)
                 for m in methods:
