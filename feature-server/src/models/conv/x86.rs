@@ -29,7 +29,7 @@ macro_rules! by_rows {
             other => unreachable!("tile of {other} rows"),
         }
     };
-    ($rows:expr, $f:ident, $v:literal, $t:expr, $out:expr, $ldo:expr, [$($r:literal),*]) => {
+    ($rows:expr, $f:ident, $v:tt, $t:expr, $out:expr, $ldo:expr, [$($r:literal),*]) => {
         match $rows {
             $($r => $f::<$r, $v>($t, $out, $ldo),)*
             other => unreachable!("tile of {other} rows"),
@@ -61,26 +61,28 @@ pub unsafe fn tile_avx512(t: TileParts, out: &mut [f32], ldo: usize) {
         // A panel of at most 16 columns (the 16-channel layers of MobileNetV2's first block)
         // takes one vector a row: the second would multiply padding.
         if t.cols <= 16 {
-            by_rows!(
-                t.rows,
-                k512,
-                1,
-                &t,
-                out,
-                ldo,
-                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-            )
+            k512_rows::<1>(&t, out, ldo)
         } else {
-            by_rows!(
-                t.rows,
-                k512,
-                2,
-                &t,
-                out,
-                ldo,
-                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-            )
+            k512_rows::<2>(&t, out, ldo)
         }
+    }
+}
+
+/// [`k512`] with `V` vectors, specialised for the tile's row count.
+#[rustversion::since(1.89)]
+#[target_feature(enable = "avx512f")]
+unsafe fn k512_rows<const V: usize>(t: &TileParts, out: &mut [f32], ldo: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        by_rows!(
+            t.rows,
+            k512,
+            V,
+            t,
+            out,
+            ldo,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        )
     }
 }
 
