@@ -20,6 +20,7 @@
 //! 4. scaling to [0, 1] and the per-channel normalization in one pass over the crop.
 
 mod jpeg;
+mod normalize;
 
 use std::io::Cursor;
 
@@ -390,7 +391,7 @@ pub fn views_of(img: &DynamicImage, views: &[View]) -> Result<Vec<Vec<f32>>> {
             crop = Some((side, center_crop(&mut resizer, &src, side)?));
         }
         if let Some((_, dst)) = &crop {
-            out.push(normalize(dst.buffer(), channels, view.mirrored)?);
+            out.push(normalize::chw(dst.buffer(), channels, view.mirrored)?);
         }
     }
     Ok(out)
@@ -458,38 +459,6 @@ fn crop_box(w: u32, h: u32, shorter_side: u32) -> [f64; 4] {
     let (left, width) = axis(w, rw);
     let (top, height) = axis(h, rh);
     [left, top, width, height]
-}
-
-/// A 224x224 interleaved 8-bit crop (grey, grey+alpha, RGB or RGBA; optionally mirrored),
-/// scaled to [0, 1] and normalized, laid out CHW. The arithmetic order is torchvision's
-/// (`x / 255`, then `(x - mean) / std`, in f32).
-fn normalize(crop: &[u8], channels: usize, mirrored: bool) -> Result<Vec<f32>> {
-    let plane = INPUT_SIZE * INPUT_SIZE;
-    if crop.len() != plane * channels {
-        return Err(Error::Internal(format!(
-            "crop holds {} bytes, expected {}",
-            crop.len(),
-            plane * channels
-        )));
-    }
-    let mut out = vec![0f32; 3 * plane];
-    let (r, rest) = out.split_at_mut(plane);
-    let (g, b) = rest.split_at_mut(plane);
-    for (y, row) in crop.chunks_exact(INPUT_SIZE * channels).enumerate() {
-        let at = y * INPUT_SIZE;
-        for (x, px) in row.chunks_exact(channels).enumerate() {
-            let x = if mirrored { INPUT_SIZE - 1 - x } else { x };
-            let (pr, pg, pb) = match *px {
-                [l] | [l, _] => (l, l, l),
-                [pr, pg, pb] | [pr, pg, pb, _] => (pr, pg, pb),
-                _ => (0, 0, 0),
-            };
-            r[at + x] = (f32::from(pr) / 255.0 - MEAN[0]) / STD[0];
-            g[at + x] = (f32::from(pg) / 255.0 - MEAN[1]) / STD[1];
-            b[at + x] = (f32::from(pb) / 255.0 - MEAN[2]) / STD[2];
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
