@@ -75,23 +75,38 @@ pub const ECE_BINS: usize = 15;
 /// equal-width bins; the gap between mean confidence and accuracy in each bin, weighted by the
 /// bin's share of answers. A failed call counts as wrong at confidence 0.
 pub fn ece(preds: &[Prediction], bins: usize) -> f64 {
-    if preds.is_empty() || bins == 0 {
+    ece_of(preds.iter().map(answer), bins)
+}
+
+/// One answer as calibration sees it: (top-1 probability in 0..=1, right). A failed call is
+/// wrong at confidence 0.
+pub fn answer(p: &Prediction) -> (f64, bool) {
+    (
+        f64::from(p.confidence.unwrap_or(0.0)).clamp(0.0, 1.0),
+        p.predicted.as_deref() == Some(p.child.as_str()),
+    )
+}
+
+/// [`ece`] over (confidence, right) pairs.
+pub fn ece_of(answers: impl IntoIterator<Item = (f64, bool)>, bins: usize) -> f64 {
+    if bins == 0 {
         return 0.0;
     }
-    let mut sums = vec![(0usize, 0f64, 0usize); bins]; // (answers, confidence, right)
-    for p in preds {
-        let conf = f64::from(p.confidence.unwrap_or(0.0)).clamp(0.0, 1.0);
+    let mut sums = vec![(0f64, 0usize); bins]; // (confidence, right)
+    let mut n = 0usize;
+    for (conf, right) in answers {
         let bin = ((conf * bins as f64) as usize).min(bins - 1);
-        sums[bin].0 += 1;
-        sums[bin].1 += conf;
-        sums[bin].2 += usize::from(p.predicted.as_deref() == Some(p.child.as_str()));
+        sums[bin].0 += conf;
+        sums[bin].1 += usize::from(right);
+        n += 1;
     }
-    let n = preds.len() as f64;
+    if n == 0 {
+        return 0.0;
+    }
     100.0
         * sums
             .iter()
-            .filter(|b| b.0 > 0)
-            .map(|&(_, conf, right)| (conf - right as f64).abs() / n)
+            .map(|&(conf, right)| (conf - right as f64).abs() / n as f64)
             .sum::<f64>()
 }
 

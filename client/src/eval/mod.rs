@@ -2,6 +2,7 @@
 //! the PyTorch anchors; writes report.md, confusion.png and accuracy_vs_k.png.
 
 mod anchors;
+pub mod calibration;
 pub mod dump;
 mod font;
 pub mod metrics;

@@ -131,6 +131,7 @@ pub fn markdown(cx: &Context, runs: &[SeedRun]) -> String {
     for &k in cx.shots {
         k_section(&mut s, cx, runs, k);
     }
+    super::calibration::section(&mut s, cx.shots, runs, cx.heads);
     summary_vs_pytorch(&mut s, cx, runs);
     super::open_set::section(&mut s, cx.shots, runs, cx.open_set);
     per_class_section(&mut s, cx, runs);
