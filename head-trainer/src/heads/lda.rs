@@ -29,6 +29,11 @@ use crate::{Error, Result};
 pub const GAMMAS: [f64; 5] = [1.0, 3.0, 10.0, 30.0, 100.0];
 /// `1 / T` of the nearest-class-mean model's cosines (T = 0.05, as the prototype head).
 pub const NCM_SCALE: f64 = 20.0;
+/// The scale of the nearest-class-mean cosines when no class has a second photo (no leave-one-out,
+/// so no temperature of the tenant's own): the pooled-NLL-optimal scale on the birds set's k = 1
+/// test answers (`scripts/study/k1_temperature.py`), confirmed on pets, which it was not chosen
+/// on (issue #15: at [`NCM_SCALE`] the head was over-confident by 7 points at k = 1).
+pub const ONE_PHOTO_SCALE: f64 = 17.25;
 /// At most this many folds (fewer when a class has fewer photos).
 pub const MAX_FOLDS: usize = 4;
 /// The final temperature is at least the largest leave-one-out gap between the best and the
@@ -166,7 +171,8 @@ impl Lda {
             let t = temperature::fit(&loo, &ts.y, classes);
             t.max(temperature::largest_runner_up_gap(&loo, classes) / MAX_RUNNER_UP_NATS)
         } else {
-            1.0
+            // [`FALLBACK`] is nearest class mean: its cosines times [`ONE_PHOTO_SCALE`].
+            NCM_SCALE / ONE_PHOTO_SCALE
         };
         tracing::debug!(?config, temperature, "lda head chosen by cross-validation");
         Ok(Self {

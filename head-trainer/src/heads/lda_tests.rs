@@ -213,7 +213,8 @@ fn two_fits_are_identical() {
 }
 
 /// (f) A class with a single photo: no cross-validation, cosine NCM on square-rooted rows
-/// at the prototype's temperature, and still right on easy data.
+/// at the fixed one-photo scale (no photo to leave out for a temperature of its own), and still
+/// right on easy data.
 #[test]
 fn one_photo_in_a_class_falls_back_to_nearest_class_mean() {
     let mut rows = blobs(4, 3, 30);
@@ -223,7 +224,11 @@ fn one_photo_in_a_class_falls_back_to_nearest_class_mean() {
     let head = Head::train(HeadKind::Lda, &train, None, &opts()).unwrap();
     let l = lda_of(&head);
     assert_eq!(l.config, FALLBACK);
-    assert_eq!(l.temperature, 1.0);
+    let scale = lda::NCM_SCALE / f64::from(l.temperature);
+    assert!(
+        (scale - lda::ONE_PHOTO_SCALE).abs() < 1e-4,
+        "cosines times {scale}"
+    );
     assert!(accuracy(&head, &blobs(4, 10, 32)) > 0.95);
 }
 
