@@ -292,7 +292,7 @@ impl Engine {
         // Reading the header costs a copy of the input at most, plus the metadata allowance.
         let reading = self.reserve(preprocess::header_bytes(&image)).await?;
         let (image, header) = tokio::task::spawn_blocking(move || {
-            let header = preprocess::read_header(&image, &limits);
+            let header = preprocess::read_header_deferring_walk(&image, &limits);
             (image, header)
         })
         .await

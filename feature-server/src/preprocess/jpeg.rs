@@ -20,6 +20,13 @@ use crate::error::{Error, Result};
 
 /// Refuses a JPEG whose scan data ends early, with or without an end-of-image marker after it.
 pub(super) fn check_complete(bytes: &[u8]) -> Result<()> {
+    check_end_marker(bytes)?;
+    check_scans(bytes)
+}
+
+/// Refuses a JPEG with no end-of-image marker after its last scan (check 1: a scan over the
+/// file's bytes, cheap beside decoding).
+pub(super) fn check_end_marker(bytes: &[u8]) -> Result<()> {
     let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
     let last_end = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
     if !matches!((last_scan, last_end), (Some(scan), Some(end)) if end > scan) {
@@ -27,6 +34,12 @@ pub(super) fn check_complete(bytes: &[u8]) -> Result<()> {
             "Jpeg: truncated file (no end-of-image marker after the last scan)".into(),
         ));
     }
+    Ok(())
+}
+
+/// Refuses a JPEG whose scan data ends before the scan's MCUs do (check 2: the walk, about
+/// as costly as a third of a decode).
+pub(super) fn check_scans(bytes: &[u8]) -> Result<()> {
     if let Some(Short {
         scan,
         decoded,
@@ -147,7 +160,8 @@ const FAST_BITS: u32 = 9;
 ///
 /// Why the table: read one code length at a time, this walk cost more than zune-jpeg's whole
 /// decode of the same photo (2.1 against 1.2 ms for a 500x375 pet photo), and it runs on every
-/// JPEG before the decoder does.
+/// JPEG, before the decoder or beside it on a second thread
+/// (`decode::read_header_deferring_walk`).
 #[derive(Clone)]
 struct Huffman {
     max_code: [i32; 17],
