@@ -393,21 +393,28 @@ mod tests {
         out
     }
 
-    /// A 64x64 grey progressive JPEG, flat: a DC first scan and an AC first scan (bands
-    /// 1..=63), with one-symbol Huffman tables, so each block costs one bit in each scan.
-    /// `ac_bytes` of the AC scan's 8 are kept (fewer: cut short, then FF D9).
-    fn progressive(ac_bytes: usize) -> Vec<u8> {
+    /// SOI, a flat quantisation table, a one-component (grey) frame `sof` of `height` x
+    /// `width`, and DC and AC Huffman tables of one 1-bit code each (symbol 0).
+    fn grey_header(sof: u8, height: u8, width: u8) -> Vec<u8> {
         let mut out = vec![0xFF, 0xD8];
         let mut dqt = vec![0];
         dqt.extend([1u8; 64]);
         out.extend(segment_bytes(0xDB, &dqt));
-        out.extend(segment_bytes(0xC2, &[8, 0, 64, 0, 64, 1, 1, 0x11, 0]));
+        out.extend(segment_bytes(sof, &[8, 0, height, 0, width, 1, 1, 0x11, 0]));
         for class in [0x00, 0x10] {
             let mut dht = vec![class, 1];
             dht.extend([0u8; 15]);
             dht.push(0);
             out.extend(segment_bytes(0xC4, &dht));
         }
+        out
+    }
+
+    /// A 64x64 grey progressive JPEG, flat: a DC first scan and an AC first scan (bands
+    /// 1..=63), with one-symbol Huffman tables, so each block costs one bit in each scan.
+    /// `ac_bytes` of the AC scan's 8 are kept (fewer: cut short, then FF D9).
+    fn progressive(ac_bytes: usize) -> Vec<u8> {
+        let mut out = grey_header(0xC2, 64, 64);
         out.extend(segment_bytes(0xDA, &[1, 1, 0x00, 0, 0, 0]));
         out.extend([0u8; 8]); // 64 blocks: DC size 0
         out.extend(segment_bytes(0xDA, &[1, 1, 0x00, 1, 63, 0]));
@@ -431,17 +438,7 @@ mod tests {
     #[test]
     fn restart_intervals_are_followed() {
         // The 8x8 blocks of a 64x16 grey baseline image, a restart marker every 4 blocks.
-        let mut out = vec![0xFF, 0xD8];
-        let mut dqt = vec![0];
-        dqt.extend([1u8; 64]);
-        out.extend(segment_bytes(0xDB, &dqt));
-        out.extend(segment_bytes(0xC0, &[8, 0, 16, 0, 64, 1, 1, 0x11, 0]));
-        for class in [0x00, 0x10] {
-            let mut dht = vec![class, 1];
-            dht.extend([0u8; 15]);
-            dht.push(0);
-            out.extend(segment_bytes(0xC4, &dht));
-        }
+        let mut out = grey_header(0xC0, 16, 64);
         out.extend(segment_bytes(0xDD, &[0, 4]));
         out.extend(segment_bytes(0xDA, &[1, 1, 0x00, 0, 63, 0]));
         let whole = {
