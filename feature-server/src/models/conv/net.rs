@@ -155,25 +155,36 @@ impl NetBuilder {
 
 impl Net {
     /// `x`: `[n, c, h, w]` NCHW (as the server hands images) -> `[n, C]` global average pool.
+    ///
+    /// The whole pass runs on one of rayon's workers, not on the calling thread. Why: every
+    /// step is a parallel loop, and a loop started from outside the pool parks its caller on a
+    /// latch until the pool is done, then wakes it (a futex round trip through the scheduler)
+    /// before the next step can start; MobileNetV2 at batch 1 is some 40 such short loops.
+    /// From inside the pool the caller works on the loop itself and goes straight on.
     pub fn forward(&self, x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-        let per_image = c * h * w;
-        let chunk = if self.sub_batch == 0 {
-            n
-        } else {
-            self.sub_batch.min(n)
-        }
-        .max(1);
-        let mut out = Vec::new();
-        for i0 in (0..n).step_by(chunk) {
-            let nb = chunk.min(n - i0);
-            let x = &x[i0 * per_image..(i0 + nb) * per_image];
-            out.extend(self.forward_chunk(x, Shape { n: nb, h, w, c }));
-        }
-        out
+        // Locked here, outside the pool: a worker waiting on this lock could be the one whose
+        // pass holds it (rayon lets a waiting worker pick up other queued work), a deadlock.
+        let mut bufs = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs: &mut Vec<Vec<f32>> = &mut bufs;
+        rayon::scope(|_| {
+            let per_image = c * h * w;
+            let chunk = if self.sub_batch == 0 {
+                n
+            } else {
+                self.sub_batch.min(n)
+            }
+            .max(1);
+            let mut out = Vec::new();
+            for i0 in (0..n).step_by(chunk) {
+                let nb = chunk.min(n - i0);
+                let x = &x[i0 * per_image..(i0 + nb) * per_image];
+                out.extend(self.forward_chunk(bufs, x, Shape { n: nb, h, w, c }));
+            }
+            out
+        })
     }
 
-    fn forward_chunk(&self, x: &[f32], xs: Shape) -> Vec<f32> {
-        let mut bufs = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+    fn forward_chunk(&self, bufs: &mut Vec<Vec<f32>>, x: &[f32], xs: Shape) -> Vec<f32> {
         bufs.resize_with(self.slots, Vec::new);
         let mut shapes = vec![xs; self.slots];
         grow(&mut bufs[0], xs.len());
@@ -184,7 +195,7 @@ impl Net {
         let mut times = vec![0f64; self.steps.len()];
         for (step, time) in self.steps.iter().zip(&mut times) {
             let t = self.profile.then(std::time::Instant::now);
-            run_step(step, &mut bufs, &mut shapes);
+            run_step(step, bufs, &mut shapes);
             if let Some(t) = t {
                 *time = t.elapsed().as_secs_f64();
             }
