@@ -405,6 +405,10 @@ impl Conv {
 
 /// `m` rows (few), threads splitting the output channels: each 32-column panel goes to its
 /// own block of scratch, then the blocks are copied into the `[m, n]` output.
+///
+/// A panel's rows are split too when the panels alone do not divide evenly among the
+/// threads: MobileNetV2's 7x7 projections at batch 1 have 5 panels, which left one of two
+/// cores idle for a sixth of the layer.
 fn narrow_gemm(
     m: usize,
     b: &PackedB,
@@ -414,27 +418,69 @@ fn narrow_gemm(
     (lo, hi): (f32, f32),
 ) {
     let np = b.n.div_ceil(NR);
+    let chunk = m.div_ceil(row_splits(np, m, rayon::current_num_threads()));
     with_scratch(&NARROW, np * m * NR, |scratch| {
         scratch
             .par_chunks_mut(m * NR)
             .enumerate()
-            .for_each(|(p, s)| {
-                let res = residual.map(|r| &r[p * NR..]);
-                gemm_panels(m, b, p..p + 1, a, lda, s, NR, epilogue(res, b.n, lo, hi));
+            .flat_map(|(p, s)| {
+                s.par_chunks_mut(chunk * NR)
+                    .enumerate()
+                    .map(move |(j, s)| (p, j * chunk, s))
+            })
+            .for_each(|(p, r0, s)| {
+                let rows = s.len() / NR;
+                let res = residual.map(|r| &r[r0 * b.n + p * NR..]);
+                let a = &a[r0 * lda..];
+                gemm_panels(rows, b, p..p + 1, a, lda, s, NR, epilogue(res, b.n, lo, hi));
             });
-        for (r, row) in out.chunks_exact_mut(b.n).enumerate().take(m) {
-            for (p, cols) in row.chunks_mut(NR).enumerate() {
-                cols.copy_from_slice(&scratch[(p * m + r) * NR..][..cols.len()]);
-            }
-        }
+        let scratch = &*scratch;
+        out[..m * b.n]
+            .par_chunks_mut(b.n)
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (p, cols) in row.chunks_mut(NR).enumerate() {
+                    cols.copy_from_slice(&scratch[(p * m + r) * NR..][..cols.len()]);
+                }
+            });
     });
 }
+
+/// Into how many row chunks [`narrow_gemm`] cuts each of `panels` panels of `m` rows: the
+/// fewest that give every thread the same number of chunks, while a chunk keeps at least
+/// [`MIN_NARROW_CHUNK_ROWS`] rows; if none does, as many as that allows (the more chunks,
+/// the smaller the last round's imbalance).
+fn row_splits(panels: usize, m: usize, threads: usize) -> usize {
+    let most = (m / MIN_NARROW_CHUNK_ROWS).max(1);
+    (1..=most)
+        .find(|s| (panels * s).is_multiple_of(threads))
+        .unwrap_or(most)
+}
+
+/// The fewest rows [`narrow_gemm`] gives one piece of work: below about this the row loop
+/// and a panel's weights read once per chunk cost more than an idle core.
+const MIN_NARROW_CHUNK_ROWS: usize = 16;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::models::conv::test_util::{max_abs_diff, rand_vec, reference_conv, to_nhwc};
     use candle_core::{Device, Result, Tensor};
+
+    /// Panels that do not divide among the threads get their rows split, never below the
+    /// least chunk; ones that do are left whole.
+    #[test]
+    fn narrow_row_splits_even_out_the_threads() {
+        assert_eq!(row_splits(5, 49, 2), 2);
+        assert_eq!(row_splits(30, 49, 2), 1);
+        assert_eq!(row_splits(5, 49, 4), 3, "at most 49 / 16 chunks of a panel");
+        assert_eq!(row_splits(3, 196, 4), 4);
+        assert_eq!(
+            row_splits(5, 20, 2),
+            1,
+            "20 rows make one chunk of 16 or more"
+        );
+    }
 
     /// Every method against candle's conv2d on random data, with residual and both clamps;
     /// small cases take the narrow (split by channels) and small-batch Winograd fallbacks.
@@ -445,6 +491,8 @@ mod tests {
             (3, 64, 7, 2, 1, 23, 19, false),
             (16, 24, 1, 1, 1, 9, 7, false),
             (16, 40, 1, 2, 1, 9, 7, false),
+            // Five panels of output channels: their rows are split between threads too.
+            (24, 150, 1, 1, 1, 7, 7, false),
             (8, 33, 3, 2, 1, 10, 11, false),
             (8, 16, 3, 1, 1, 10, 11, false),
             (24, 24, 3, 1, 24, 9, 10, false),
