@@ -64,13 +64,15 @@ impl DepthwiseRow<'_> {
         let c = self.channels;
         let rows = &taps[..self.kernel];
         let out = &mut out[..self.out_w() * c];
-        // The interior pixels of a 3x3 with padding 1, 8 channels at a time, by the SIMD
-        // kernel; what it leaves (edge pixels, channels past the last 8) by the portable loop.
+        // A 3x3 with padding 1 by the SIMD kernel, in whole vectors of channels, all pixels
+        // (AVX-512) or the interior ones (AVX2); what it leaves by the portable loop.
         #[cfg(target_arch = "x86_64")]
-        if let Some(done) = self.run_simd(rows, out, residual, bounds) {
+        if let Some((done, c_vec)) = self.run_simd(rows, out, residual, bounds) {
             for (ox, o) in out.chunks_exact_mut(c).enumerate() {
-                let from = if done.contains(&ox) { c / 8 * 8 } else { 0 };
-                self.pixel(rows, ox, from, o, residual, bounds);
+                let from = if done.contains(&ox) { c_vec } else { 0 };
+                if from < c {
+                    self.pixel(rows, ox, from, o, residual, bounds);
+                }
             }
             return;
         }
@@ -79,7 +81,8 @@ impl DepthwiseRow<'_> {
         }
     }
 
-    /// Runs the x86 kernel where it applies; answers the output pixels it did.
+    /// Runs the x86 kernel where it applies; answers the output pixels it did, and the
+    /// channels `0..c_vec` it did of them.
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)] // entering the kernel after checking the ISA and the geometry
     #[inline(always)]
@@ -89,35 +92,54 @@ impl DepthwiseRow<'_> {
         out: &mut [f32],
         residual: Option<&[f32]>,
         (lo, hi): (f32, f32),
-    ) -> Option<std::ops::Range<usize>> {
+    ) -> Option<(std::ops::Range<usize>, usize)> {
         use super::isa::{Isa, isa};
-        use super::x86::{Depthwise3, depthwise3_avx2};
+        use super::x86::{Depthwise3, depthwise3_avx2, depthwise3_avx512};
         let fits = self.kernel == 3 && self.padding == 1 && residual.is_none();
         if !fits || isa() == Isa::Portable || self.channels < 8 || self.in_w < 3 {
             return None;
         }
-        // Pixels whose taps ox*s - 1 ..= ox*s + 1 are all inside the row.
-        let ox = 1..((self.in_w - 2) / self.stride + 1).min(self.out_w());
         let rows: [Option<&[f32]>; 3] = [rows[0], rows[1], rows[2]];
         let row_len = self.in_w * self.channels;
-        if ox.is_empty() || rows.iter().flatten().any(|r| r.len() < row_len) {
+        if rows.iter().flatten().any(|r| r.len() < row_len) {
             return None;
         }
+        let wide = isa() == Isa::Avx512 && self.channels >= 16;
+        // AVX-512 takes every pixel; AVX2 those whose taps ox*s - 1 ..= ox*s + 1 are all
+        // inside the row.
+        let ox = if wide {
+            0..self.out_w()
+        } else {
+            1..((self.in_w - 2) / self.stride + 1).min(self.out_w())
+        };
+        if ox.is_empty() {
+            return None;
+        }
+        let lanes = if wide { 16 } else { 8 };
         let d = Depthwise3 {
             rows,
             weights: &self.weights[..9 * self.channels],
             bias: self.bias,
             c: self.channels,
-            c8: self.channels / 8 * 8,
+            c_vec: self.channels / lanes * lanes,
             stride: self.stride,
+            in_w: self.in_w,
             ox: ox.clone(),
             lo,
             hi,
         };
-        // SAFETY: AVX2 and FMA were detected (any ISA but portable); the rows hold whole
-        // input rows, and `ox` keeps every tap inside them; `out` holds the whole output row.
-        unsafe { depthwise3_avx2(&d, out) };
-        Some(ox)
+        // SAFETY: the ISA was detected (AVX-512F for `wide`, else AVX2 and FMA: any ISA but
+        // portable); the rows hold whole input rows of `in_w >= 3` pixels, `ox` is the whole
+        // output row (AVX-512) or keeps every tap inside the rows (AVX2); `out` holds the
+        // whole output row.
+        unsafe {
+            if wide {
+                depthwise3_avx512(&d, out);
+            } else {
+                depthwise3_avx2(&d, out);
+            }
+        }
+        Some((ox, d.c_vec))
     }
 
     /// Channels `from..` of output pixel `ox`.
