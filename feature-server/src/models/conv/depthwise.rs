@@ -64,8 +64,8 @@ impl DepthwiseRow<'_> {
         let c = self.channels;
         let rows = &taps[..self.kernel];
         let out = &mut out[..self.out_w() * c];
-        // A 3x3 with padding 1 by the SIMD kernel, in whole vectors of channels, all pixels
-        // (AVX-512) or the interior ones (AVX2); what it leaves by the portable loop.
+        // A 3x3 with padding 1 by the SIMD kernel, every pixel, in whole vectors of channels;
+        // the channels past the last vector by the portable loop.
         #[cfg(target_arch = "x86_64")]
         if let Some((done, c_vec)) = self.run_simd(rows, out, residual, bounds) {
             for (ox, o) in out.chunks_exact_mut(c).enumerate() {
@@ -105,16 +105,7 @@ impl DepthwiseRow<'_> {
             return None;
         }
         let wide = isa() == Isa::Avx512 && self.channels >= 16;
-        // AVX-512 takes every pixel; AVX2 those whose taps ox*s - 1 ..= ox*s + 1 are all
-        // inside the row.
-        let ox = if wide {
-            0..self.out_w()
-        } else {
-            1..((self.in_w - 2) / self.stride + 1).min(self.out_w())
-        };
-        if ox.is_empty() {
-            return None;
-        }
+        let ox = 0..self.out_w();
         let lanes = if wide { 16 } else { 8 };
         let d = Depthwise3 {
             rows,
@@ -130,8 +121,7 @@ impl DepthwiseRow<'_> {
         };
         // SAFETY: the ISA was detected (AVX-512F for `wide`, else AVX2 and FMA: any ISA but
         // portable); the rows hold whole input rows of `in_w >= 3` pixels, `ox` is the whole
-        // output row (AVX-512) or keeps every tap inside the rows (AVX2); `out` holds the
-        // whole output row.
+        // output row of this 3x3, padding 1 convolution, and `out` holds it.
         unsafe {
             if wide {
                 depthwise3_avx512(&d, out);

@@ -271,10 +271,9 @@ unsafe fn k256<const R: usize, const V: usize>(t: &TileParts, out: &mut [f32], l
     }
 }
 
-/// One output row of a 3x3 depthwise convolution, the output pixels `ox` only (those whose
-/// taps all lie inside the row; the caller does the edges), channels `0..c8` (a multiple of
-/// 8). A kernel row that falls in the padding is given as `None`: its weights are zeroed in
-/// registers and another row stands in for the loads, so no zero row is ever read.
+/// One output row of a 3x3, padding 1 depthwise convolution, output pixels `ox`, channels
+/// `0..c_vec`. A kernel row that falls in the padding is given as `None`: its weights are
+/// zeroed in registers and another row stands in for the loads, so no zero row is ever read.
 pub struct Depthwise3<'a> {
     pub rows: [Option<&'a [f32]>; 3],
     /// `[9][c]`, tap-major.
@@ -291,22 +290,31 @@ pub struct Depthwise3<'a> {
     pub hi: f32,
 }
 
+/// One output row of a 3x3, padding 1 depthwise convolution, 8 channels at a time, every
+/// output pixel: the edge pixels, whose outer tap falls in the padding, skip that tap. Why
+/// the edges here: at 7x7 and 14x14 they are a seventh to two sevenths of the pixels, too
+/// many for the portable loop.
+///
 /// # Safety
-/// AVX2 and FMA must be available. Every row holds the input columns `ox.start * stride - 1
-/// ..= (ox.end - 1) * stride + 1` of `c` channels; `out` holds `ox.end * c` values.
+/// AVX2 and FMA must be available. `d.ox` is `0..out_w` for a 3x3, padding 1, stride
+/// `d.stride` convolution of rows `d.in_w >= 2` pixels wide; every row holds `d.in_w * d.c`
+/// values; `d.c_vec` is a multiple of 8; `out` holds `d.ox.end * d.c` values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn depthwise3_avx2(d: &Depthwise3, out: &mut [f32]) {
     let Some(&any) = d.rows.iter().flatten().next() else {
         return;
     };
-    debug_assert!(d.ox.start * d.stride >= 1 && d.c_vec.is_multiple_of(8) && d.c_vec <= d.c);
-    debug_assert!(out.len() >= d.ox.end * d.c && d.bias.len() >= d.c_vec);
-    let c = d.c;
-    // SAFETY: loads stay inside the rows' columns the caller vouched for and channels < c_vec.
+    debug_assert!(d.c_vec.is_multiple_of(8) && d.c_vec <= d.c && d.bias.len() >= d.c_vec);
+    debug_assert!(d.ox.end > 0 && (d.ox.end - 1) * d.stride < d.in_w && d.in_w >= 2);
+    debug_assert!(out.len() >= d.ox.end * d.c && any.len() >= d.in_w * d.c);
+    let (c, s) = (d.c, d.stride);
+    // SAFETY: every load below reads a column in 0..in_w of a row the caller vouched for, and
+    // channels < c_vec; every store writes a pixel < ox.end of `out`.
     unsafe {
         let (lo, hi) = (_mm256_set1_ps(d.lo), _mm256_set1_ps(d.hi));
         let rows: [*const f32; 3] = std::array::from_fn(|r| d.rows[r].unwrap_or(any).as_ptr());
         let o = out.as_mut_ptr();
+        let inner = interior(d);
         for c0 in (0..d.c_vec).step_by(8) {
             let w: [__m256; 9] = std::array::from_fn(|t| {
                 if d.rows[t / 3].is_some() {
@@ -316,8 +324,13 @@ pub unsafe fn depthwise3_avx2(d: &Depthwise3, out: &mut [f32]) {
                 }
             });
             let bias = _mm256_loadu_ps(d.bias.as_ptr().add(c0));
-            for ox in d.ox.clone() {
-                let at = (ox * d.stride - 1) * c + c0;
+            let finish = |acc: [__m256; 3], ox: usize| {
+                let y = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]);
+                let y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+                _mm256_storeu_ps(o.add(ox * c + c0), y);
+            };
+            for ox in inner.clone() {
+                let at = (ox * s - 1) * c + c0;
                 let mut acc = [bias, _mm256_setzero_ps(), _mm256_setzero_ps()];
                 for (r, row) in rows.iter().enumerate() {
                     let p = row.add(at);
@@ -325,12 +338,37 @@ pub unsafe fn depthwise3_avx2(d: &Depthwise3, out: &mut [f32]) {
                     acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), w[3 * r + 1], acc[r]);
                     acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(2 * c)), w[3 * r + 2], acc[r]);
                 }
-                let y = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]);
-                let y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
-                _mm256_storeu_ps(o.add(ox * c + c0), y);
+                finish(acc, ox);
+            }
+            for (ox, kx) in edges(d, &inner) {
+                let mut acc = [bias, _mm256_setzero_ps(), _mm256_setzero_ps()];
+                for (r, row) in rows.iter().enumerate() {
+                    for kx in kx.clone() {
+                        let p = row.add((ox * s + kx - 1) * c + c0);
+                        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w[3 * r + kx], acc[r]);
+                    }
+                }
+                finish(acc, ox);
             }
         }
     }
+}
+
+/// The output pixels of `d.ox` whose three taps per kernel row all lie inside the row.
+fn interior(d: &Depthwise3) -> std::ops::Range<usize> {
+    1.max(d.ox.start)..d.ox.end.min((d.in_w - 2) / d.stride + 1)
+}
+
+/// The other pixels of `d.ox`, each with its taps `kx` inside the row (the rest is padding).
+fn edges<'a>(
+    d: &'a Depthwise3,
+    inner: &'a std::ops::Range<usize>,
+) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + 'a {
+    d.ox.clone().filter(|ox| !inner.contains(ox)).map(|ox| {
+        let first = usize::from(ox * d.stride == 0);
+        let end = if ox * d.stride + 1 < d.in_w { 3 } else { 2 };
+        (ox, first..end)
+    })
 }
 
 /// # Safety
@@ -340,10 +378,7 @@ pub unsafe fn depthwise3_avx512(_: &Depthwise3, _: &mut [f32]) {
     unreachable!("AVX-512 kernel not built")
 }
 
-/// As [`depthwise3_avx2`], 16 channels at a time, and for every output pixel of the row: the
-/// edge pixels, whose outer tap falls in the padding, skip that tap. Why the edges here: at
-/// 7x7 and 14x14 they are a seventh to two sevenths of the pixels, too many for the
-/// portable loop.
+/// As [`depthwise3_avx2`], 16 channels at a time.
 ///
 /// # Safety
 /// AVX-512F must be available. `d.ox` is `0..out_w` for a 3x3, padding 1, stride `d.stride`
@@ -358,15 +393,14 @@ pub unsafe fn depthwise3_avx512(d: &Depthwise3, out: &mut [f32]) {
     debug_assert!(d.c_vec.is_multiple_of(16) && d.c_vec <= d.c && d.bias.len() >= d.c_vec);
     debug_assert!(d.ox.end > 0 && (d.ox.end - 1) * d.stride < d.in_w && d.in_w >= 2);
     debug_assert!(out.len() >= d.ox.end * d.c && any.len() >= d.in_w * d.c);
-    let (c, s, in_w) = (d.c, d.stride, d.in_w);
+    let (c, s) = (d.c, d.stride);
     // SAFETY: every load below reads a column in 0..in_w of a row the caller vouched for, and
     // channels < c_vec; every store writes a pixel < ox.end of `out`.
     unsafe {
         let (lo, hi) = (_mm512_set1_ps(d.lo), _mm512_set1_ps(d.hi));
         let rows: [*const f32; 3] = std::array::from_fn(|r| d.rows[r].unwrap_or(any).as_ptr());
         let o = out.as_mut_ptr();
-        // Interior pixels: all three taps of a kernel row inside it.
-        let inner = 1.max(d.ox.start)..d.ox.end.min((in_w - 2) / s + 1);
+        let inner = interior(d);
         for c0 in (0..d.c_vec).step_by(16) {
             let w: [__m512; 9] = std::array::from_fn(|t| {
                 if d.rows[t / 3].is_some() {
@@ -392,14 +426,10 @@ pub unsafe fn depthwise3_avx512(d: &Depthwise3, out: &mut [f32]) {
                 }
                 finish(acc, ox);
             }
-            // Edge pixels: taps kx in first..end, the others in the padding.
-            let edges = d.ox.clone().filter(|ox| !inner.contains(ox));
-            for ox in edges {
-                let first = usize::from(ox * s == 0);
-                let end = if ox * s + 1 < in_w { 3 } else { 2 };
+            for (ox, kx) in edges(d, &inner) {
                 let mut acc = [bias, _mm512_setzero_ps(), _mm512_setzero_ps()];
                 for (r, row) in rows.iter().enumerate() {
-                    for kx in first..end {
+                    for kx in kx.clone() {
                         let p = row.add((ox * s + kx - 1) * c + c0);
                         acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(p), w[3 * r + kx], acc[r]);
                     }
