@@ -331,17 +331,25 @@ const GATHER_ROWS: usize = 8;
 const NARROW_ROWS: usize = 256;
 
 /// Runs `f` on this thread's buffer `cell`, grown to at least `len` floats.
+///
+/// Re-entered on one thread, `f` gets a buffer of its own instead. Why that can happen: the
+/// forward pass runs on a pool worker ([`super::net::Net::forward`]), some layers hold their
+/// buffer across a parallel loop, and a worker waiting for that loop runs other queued work,
+/// which can be another model's layer asking for the same buffer (two models in one process,
+/// as in the tests; the server runs one pass at a time).
 pub(super) fn with_scratch<R>(
     cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
-    cell.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0.0);
+    cell.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
         }
-        f(&mut buf[..len])
+        Err(_) => f(&mut vec![0.0; len]),
     })
 }
 
@@ -473,6 +481,21 @@ mod tests {
     use super::*;
     use crate::models::conv::test_util::{max_abs_diff, rand_vec, reference_conv, to_nhwc};
     use candle_core::{Device, Result, Tensor};
+
+    /// A buffer asked for again on the same thread while in use (a pool worker running
+    /// another pass's layer while it waits) is a second buffer, not a panic.
+    #[test]
+    fn scratch_re_entered_on_one_thread_is_a_buffer_of_its_own() {
+        let sum = with_scratch(&IM2COL, 4, |outer| {
+            outer.fill(1.0);
+            let inner = with_scratch(&IM2COL, 8, |inner| {
+                inner.fill(2.0);
+                inner.iter().sum::<f32>()
+            });
+            inner + outer.iter().sum::<f32>()
+        });
+        assert_eq!(sum, 16.0 + 4.0);
+    }
 
     /// Panels that do not divide among the threads get their rows split, never below the
     /// least chunk; ones that do are left whole.

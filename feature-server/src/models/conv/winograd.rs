@@ -231,15 +231,10 @@ impl Winograd {
     }
 }
 
-/// Runs `f` on this thread's tile scratch, grown to at least `len` floats.
+/// Runs `f` on this thread's tile scratch, grown to at least `len` floats (re-entered, on a
+/// buffer of its own: see [`super::layer::with_scratch`]).
 fn with_tile_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    TILE.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0.0);
-        }
-        f(&mut buf[..len])
-    })
+    super::layer::with_scratch(&TILE, len, f)
 }
 
 /// Six channel vectors through Bt, into six consecutive rows of `dst`.
