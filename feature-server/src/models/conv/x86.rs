@@ -3,8 +3,8 @@
 //! store. AVX-512: up to 12 rows x 2 vectors (24 accumulators), or x 1 for a panel of 16
 //! columns or fewer; AVX2: 3 rows x 4 vectors or 6 x 2 (12), by the panel's width.
 //! And the 3x3 depthwise row kernels behind [`super::depthwise`]: their nine tap weights held
-//! in registers, one fused multiply-add per tap (AVX2: 8 channels at a time, interior pixels;
-//! AVX-512: 16, the row's edge pixels too).
+//! in registers, one fused multiply-add per tap, every pixel of the row (AVX2: 8 channels at a
+//! time; AVX-512: 16).
 //!
 //! Why the whole K at once: the layers here have K <= 4608, so a 32-column weight panel is at
 //! most 590 KB and stays in L2 across row blocks; no partial sums ever go back to memory.
