@@ -290,68 +290,110 @@ pub struct Depthwise3<'a> {
     pub hi: f32,
 }
 
-/// One output row of a 3x3, padding 1 depthwise convolution, 8 channels at a time, every
-/// output pixel: the edge pixels, whose outer tap falls in the padding, skip that tap. Why
-/// the edges here: at 7x7 and 14x14 they are a seventh to two sevenths of the pixels, too
-/// many for the portable loop.
-///
-/// # Safety
-/// AVX2 and FMA must be available. `d.ox` is `0..out_w` for a 3x3, padding 1, stride
-/// `d.stride` convolution of rows `d.in_w >= 2` pixels wide; every row holds `d.in_w * d.c`
-/// values; `d.c_vec` is a multiple of 8; `out` holds `d.ox.end * d.c` values.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn depthwise3_avx2(d: &Depthwise3, out: &mut [f32]) {
-    let Some(&any) = d.rows.iter().flatten().next() else {
-        return;
-    };
-    debug_assert!(d.c_vec.is_multiple_of(8) && d.c_vec <= d.c && d.bias.len() >= d.c_vec);
-    debug_assert!(d.ox.end > 0 && (d.ox.end - 1) * d.stride < d.in_w && d.in_w >= 2);
-    debug_assert!(out.len() >= d.ox.end * d.c && any.len() >= d.in_w * d.c);
-    let (c, s) = (d.c, d.stride);
-    // SAFETY: every load below reads a column in 0..in_w of a row the caller vouched for, and
-    // channels < c_vec; every store writes a pixel < ox.end of `out`.
-    unsafe {
-        let (lo, hi) = (_mm256_set1_ps(d.lo), _mm256_set1_ps(d.hi));
-        let rows: [*const f32; 3] = std::array::from_fn(|r| d.rows[r].unwrap_or(any).as_ptr());
-        let o = out.as_mut_ptr();
-        let inner = interior(d);
-        for c0 in (0..d.c_vec).step_by(8) {
-            let w: [__m256; 9] = std::array::from_fn(|t| {
-                if d.rows[t / 3].is_some() {
-                    _mm256_loadu_ps(d.weights.as_ptr().add(t * c + c0))
-                } else {
-                    _mm256_setzero_ps()
-                }
-            });
-            let bias = _mm256_loadu_ps(d.bias.as_ptr().add(c0));
-            let finish = |acc: [__m256; 3], ox: usize| {
-                let y = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]);
-                let y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
-                _mm256_storeu_ps(o.add(ox * c + c0), y);
+/// Generates a 3x3 depthwise row kernel at one vector width: the AVX2 and AVX-512 kernels are
+/// the same loop, only the intrinsics' names and the lane count differ (as `k256`/`k512` for
+/// the GEMM, but short enough that one body serves both). A macro, not a generic over a lane
+/// trait, so that every intrinsic is written inside the `target_feature` function and inlines
+/// there.
+macro_rules! depthwise3_kernel {
+    (
+        $(#[$attr:meta])*
+        $name:ident, $feature:literal, lanes $lanes:literal, $vec:ty,
+        $load:ident, $store:ident, $set1:ident, $zero:ident, $add:ident, $fmadd:ident,
+        $min:ident, $max:ident
+    ) => {
+        $(#[$attr])*
+        #[target_feature(enable = $feature)]
+        pub unsafe fn $name(d: &Depthwise3, out: &mut [f32]) {
+            let Some(&any) = d.rows.iter().flatten().next() else {
+                return;
             };
-            for ox in inner.clone() {
-                let at = (ox * s - 1) * c + c0;
-                let mut acc = [bias, _mm256_setzero_ps(), _mm256_setzero_ps()];
-                for (r, row) in rows.iter().enumerate() {
-                    let p = row.add(at);
-                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w[3 * r], acc[r]);
-                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), w[3 * r + 1], acc[r]);
-                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(2 * c)), w[3 * r + 2], acc[r]);
-                }
-                finish(acc, ox);
-            }
-            for (ox, kx) in edges(d, &inner) {
-                let mut acc = [bias, _mm256_setzero_ps(), _mm256_setzero_ps()];
-                for (r, row) in rows.iter().enumerate() {
-                    for kx in kx.clone() {
-                        let p = row.add((ox * s + kx - 1) * c + c0);
-                        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w[3 * r + kx], acc[r]);
+            debug_assert!(d.c_vec.is_multiple_of($lanes) && d.c_vec <= d.c);
+            debug_assert!(d.bias.len() >= d.c_vec);
+            debug_assert!(d.ox.end > 0 && (d.ox.end - 1) * d.stride < d.in_w && d.in_w >= 2);
+            debug_assert!(out.len() >= d.ox.end * d.c && any.len() >= d.in_w * d.c);
+            let (c, s) = (d.c, d.stride);
+            // SAFETY: every load below reads a column in 0..in_w of a row the caller vouched
+            // for, and channels < c_vec; every store writes a pixel < ox.end of `out`.
+            unsafe {
+                let (lo, hi) = ($set1(d.lo), $set1(d.hi));
+                let rows: [*const f32; 3] =
+                    std::array::from_fn(|r| d.rows[r].unwrap_or(any).as_ptr());
+                let o = out.as_mut_ptr();
+                let inner = interior(d);
+                for c0 in (0..d.c_vec).step_by($lanes) {
+                    let w: [$vec; 9] = std::array::from_fn(|t| {
+                        if d.rows[t / 3].is_some() {
+                            $load(d.weights.as_ptr().add(t * c + c0))
+                        } else {
+                            $zero()
+                        }
+                    });
+                    let bias = $load(d.bias.as_ptr().add(c0));
+                    let finish = |acc: [$vec; 3], ox: usize| {
+                        let y = $add($add(acc[0], acc[1]), acc[2]);
+                        $store(o.add(ox * c + c0), $min($max(y, lo), hi));
+                    };
+                    for ox in inner.clone() {
+                        let at = (ox * s - 1) * c + c0;
+                        let mut acc = [bias, $zero(), $zero()];
+                        for (r, row) in rows.iter().enumerate() {
+                            let p = row.add(at);
+                            acc[r] = $fmadd($load(p), w[3 * r], acc[r]);
+                            acc[r] = $fmadd($load(p.add(c)), w[3 * r + 1], acc[r]);
+                            acc[r] = $fmadd($load(p.add(2 * c)), w[3 * r + 2], acc[r]);
+                        }
+                        finish(acc, ox);
+                    }
+                    for (ox, kx) in edges(d, &inner) {
+                        let mut acc = [bias, $zero(), $zero()];
+                        for (r, row) in rows.iter().enumerate() {
+                            for kx in kx.clone() {
+                                let p = row.add((ox * s + kx - 1) * c + c0);
+                                acc[r] = $fmadd($load(p), w[3 * r + kx], acc[r]);
+                            }
+                        }
+                        finish(acc, ox);
                     }
                 }
-                finish(acc, ox);
             }
         }
-    }
+    };
+}
+
+depthwise3_kernel!(
+    /// One output row of a 3x3, padding 1 depthwise convolution, 8 channels at a time, every
+    /// output pixel: the edge pixels, whose outer tap falls in the padding, skip that tap. Why
+    /// the edges here: at 7x7 and 14x14 they are a seventh to two sevenths of the pixels, too
+    /// many for the portable loop.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available. `d.ox` is `0..out_w` for a 3x3, padding 1, stride
+    /// `d.stride` convolution of rows `d.in_w >= 2` pixels wide; every row holds `d.in_w * d.c`
+    /// values; `d.c_vec` is a multiple of 8; `out` holds `d.ox.end * d.c` values.
+    depthwise3_avx2, "avx2,fma", lanes 8, __m256,
+    _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_add_ps,
+    _mm256_fmadd_ps, _mm256_min_ps, _mm256_max_ps
+);
+
+depthwise3_kernel!(
+    /// As [`depthwise3_avx2`], 16 channels at a time.
+    ///
+    /// # Safety
+    /// AVX-512F must be available. `d.ox` is `0..out_w` for a 3x3, padding 1, stride `d.stride`
+    /// convolution of rows `d.in_w` pixels wide; every row holds `d.in_w * d.c` values;
+    /// `d.c_vec` is a multiple of 16; `out` holds `d.ox.end * d.c` values.
+    #[rustversion::since(1.89)]
+    depthwise3_avx512, "avx512f", lanes 16, __m512,
+    _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_add_ps,
+    _mm512_fmadd_ps, _mm512_min_ps, _mm512_max_ps
+);
+
+/// # Safety
+/// Never called: this compiler predates stable AVX-512 ([`AVX512_BUILT`] is false).
+#[rustversion::before(1.89)]
+pub unsafe fn depthwise3_avx512(_: &Depthwise3, _: &mut [f32]) {
+    unreachable!("AVX-512 kernel not built")
 }
 
 /// The output pixels of `d.ox` whose three taps per kernel row all lie inside the row.
@@ -369,73 +411,4 @@ fn edges<'a>(
         let end = if ox * d.stride + 1 < d.in_w { 3 } else { 2 };
         (ox, first..end)
     })
-}
-
-/// # Safety
-/// Never called: this compiler predates stable AVX-512 ([`AVX512_BUILT`] is false).
-#[rustversion::before(1.89)]
-pub unsafe fn depthwise3_avx512(_: &Depthwise3, _: &mut [f32]) {
-    unreachable!("AVX-512 kernel not built")
-}
-
-/// As [`depthwise3_avx2`], 16 channels at a time.
-///
-/// # Safety
-/// AVX-512F must be available. `d.ox` is `0..out_w` for a 3x3, padding 1, stride `d.stride`
-/// convolution of rows `d.in_w` pixels wide; every row holds `d.in_w * d.c` values; `d.c_vec`
-/// is a multiple of 16; `out` holds `d.ox.end * d.c` values.
-#[rustversion::since(1.89)]
-#[target_feature(enable = "avx512f")]
-pub unsafe fn depthwise3_avx512(d: &Depthwise3, out: &mut [f32]) {
-    let Some(&any) = d.rows.iter().flatten().next() else {
-        return;
-    };
-    debug_assert!(d.c_vec.is_multiple_of(16) && d.c_vec <= d.c && d.bias.len() >= d.c_vec);
-    debug_assert!(d.ox.end > 0 && (d.ox.end - 1) * d.stride < d.in_w && d.in_w >= 2);
-    debug_assert!(out.len() >= d.ox.end * d.c && any.len() >= d.in_w * d.c);
-    let (c, s) = (d.c, d.stride);
-    // SAFETY: every load below reads a column in 0..in_w of a row the caller vouched for, and
-    // channels < c_vec; every store writes a pixel < ox.end of `out`.
-    unsafe {
-        let (lo, hi) = (_mm512_set1_ps(d.lo), _mm512_set1_ps(d.hi));
-        let rows: [*const f32; 3] = std::array::from_fn(|r| d.rows[r].unwrap_or(any).as_ptr());
-        let o = out.as_mut_ptr();
-        let inner = interior(d);
-        for c0 in (0..d.c_vec).step_by(16) {
-            let w: [__m512; 9] = std::array::from_fn(|t| {
-                if d.rows[t / 3].is_some() {
-                    _mm512_loadu_ps(d.weights.as_ptr().add(t * c + c0))
-                } else {
-                    _mm512_setzero_ps()
-                }
-            });
-            let bias = _mm512_loadu_ps(d.bias.as_ptr().add(c0));
-            let finish = |acc: [__m512; 3], ox: usize| {
-                let y = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), acc[2]);
-                let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
-                _mm512_storeu_ps(o.add(ox * c + c0), y);
-            };
-            for ox in inner.clone() {
-                let at = (ox * s - 1) * c + c0;
-                let mut acc = [bias, _mm512_setzero_ps(), _mm512_setzero_ps()];
-                for (r, row) in rows.iter().enumerate() {
-                    let p = row.add(at);
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(p), w[3 * r], acc[r]);
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(c)), w[3 * r + 1], acc[r]);
-                    acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(2 * c)), w[3 * r + 2], acc[r]);
-                }
-                finish(acc, ox);
-            }
-            for (ox, kx) in edges(d, &inner) {
-                let mut acc = [bias, _mm512_setzero_ps(), _mm512_setzero_ps()];
-                for (r, row) in rows.iter().enumerate() {
-                    for kx in kx.clone() {
-                        let p = row.add((ox * s + kx - 1) * c + c0);
-                        acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(p), w[3 * r + kx], acc[r]);
-                    }
-                }
-                finish(acc, ox);
-            }
-        }
-    }
 }
