@@ -42,7 +42,8 @@ use super::train::class_sums;
 const SOLVE_ROWS: usize = 1024;
 
 /// Row-major `n x classes` leave-one-out logits of `linear` (fitted as `model` on unit rows
-/// `a` with labels `y`; every class has at least two rows).
+/// `a` with labels `y`). A row whose class has no other row has nothing to leave out against:
+/// its logits are finite but meaningless, and callers drop them.
 pub fn logits(
     a: &Tensor,
     y: &[u32],
@@ -157,6 +158,28 @@ fn ncm_own(a: &Tensor, y: &[u32], classes: usize) -> Result<Vec<f32>> {
         .zip(norm)
         .map(|(d, l)| scale * d / l.max(EPS as f32))
         .collect())
+}
+
+/// The rows of `logits` (row-major, `classes` wide) and labels of the classes with a second
+/// photo: a class's only photo cannot be left out of it.
+pub(super) fn held_out_rows(
+    logits: &[f32],
+    y: &[u32],
+    count: &[usize],
+    classes: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    logits
+        .chunks_exact(classes)
+        .zip(y)
+        .filter(|(_, label)| count[**label as usize] >= 2)
+        .fold(
+            (Vec::new(), Vec::new()),
+            |(mut z, mut kept), (row, &label)| {
+                z.extend_from_slice(row);
+                kept.push(label);
+                (z, kept)
+            },
+        )
 }
 
 #[cfg(test)]

@@ -46,6 +46,13 @@ impl Cholesky {
     pub fn quadratic_forms(&self, b: &Tensor) -> Result<Tensor> {
         Ok(forward(&self.l, &b.to_dtype(DType::F64)?)?.sqr()?.sum(0)?)
     }
+
+    /// `tr(A^-1)`: the quadratic forms of the identity's columns (as costly as the factoring).
+    pub fn trace_of_inverse(&self) -> Result<f64> {
+        let n = self.l.dim(0)?;
+        let eye = Tensor::eye(n, DType::F64, self.l.device())?;
+        Ok(self.quadratic_forms(&eye)?.sum_all()?.to_scalar::<f64>()?)
+    }
 }
 
 /// `a + lambda I` (a square f64 copy).

@@ -18,6 +18,7 @@ pub mod combined;
 pub mod flat;
 pub mod hierarchical;
 pub mod lda;
+mod lda_cv;
 mod lda_loo;
 mod linalg;
 pub mod prototype;
