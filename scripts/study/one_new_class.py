@@ -16,6 +16,7 @@
 #
 # Reproduce: the exports of leader.py's header (/tmp/study/{pets,birds}.safetensors), then
 #   OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 /tmp/study/venv/bin/python scripts/study/one_new_class.py
+#   (add --calibration for the k = 5 calibration figures instead)
 import sys
 import numpy as np
 
@@ -107,7 +108,7 @@ def select(Xtr, ytr, C, nf):
 
 
 def main():
-    names = [a for a in sys.argv[1:]] or list(SEEDS)
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(SEEDS)
     for name in names:
         X, y, _, _, _ = load(f"/tmp/study/{name}.safetensors", f"/work/shared/datasets/{name}")
         C = y.max() + 1
@@ -140,5 +141,66 @@ def main():
                   f"| {m[3]:.1f} / {m[4]:.1f} / {m[5]:.1f} | {d_new.mean():+.1f} ± {se(d_new):.1f} |", flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--calibration" not in sys.argv:
     main()
+
+
+def calibration(names=("pets", "birds"), k=5):
+    """`--calibration`: ECE (15 bins, %) on all test photos, before (the fallback: cosine NCM on
+    square-rooted rows times lda::ONE_PHOTO_SCALE) and now (the temperature fitted on the
+    leave-one-out logits of the classes with a second photo, calibration.py's loo-sm-n, as
+    lda_loo.rs; T by extra.fit_temperature's grid, the service's golden-section search and
+    runner-up floor aside); and, over the photos the head names as the new class, their mean
+    confidence against how many of them are that class."""
+    import calibration as K
+    from extra import ece, fit_temperature
+
+    for name in names:
+        X, y, _, _, _ = load(f"/tmp/study/{name}.safetensors", f"/work/shared/datasets/{name}")
+        C = y.max() + 1
+        rows = []
+        for s in range(SEEDS[name]):
+            tr, te = split(y, k, s)
+            for new in np.random.default_rng(s).choice(C, NEW, replace=False):
+                first = tr[y[tr] == new][0]
+                t = np.array([i for i in tr if y[i] != new or i == first])
+                Xt, yt = X[t], y[t]
+                # before
+                A, mean = K.prepared(Xt, True)
+                B = H.l2n(np.sqrt(np.maximum(X[te], 0)) - mean)
+                Pb = H.softmax(17.25 * (B @ L.ncm_fit(A, yt, C).T))
+                # now
+                L.lda_fit = lda_fit_counted
+                try:
+                    cnt = np.bincount(yt, minlength=C)
+                    H.folds_of, plain = folds_single_kept, H.folds_of
+                    try:
+                        p, g = select(Xt, yt, C, min(cnt[cnt >= 2].min(), 4))
+                    finally:
+                        H.folds_of = plain
+                    A, mean = K.prepared(Xt, p)
+                    B = H.l2n((np.sqrt(np.maximum(X[te], 0)) if p else X[te]) - mean)
+                    # The new class's own row divides by n_y - 1 = 0; it is dropped below.
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        Z = K.sm_loo_logits(A, yt, C, g, to_n=True)
+                    keep = cnt[yt] >= 2
+                    T = fit_temperature(Z[keep], yt[keep])
+                    _, (P, c) = K.final_logits(A, yt, C, g)
+                    Pn = H.softmax((B @ P + c) / T)
+                finally:
+                    L.lda_fit = PLAIN_FIT
+                named = lambda P: P.argmax(1) == new
+                row = []
+                for Pr in (Pb, Pn):
+                    m = named(Pr)
+                    row += [ece(Pr, y[te]), Pr.max(1)[m].mean() * 100 if m.any() else np.nan,
+                            (y[te][m] == new).mean() * 100 if m.any() else np.nan]
+                rows.append(row)
+        R = np.nanmean(np.array(rows), 0)
+        print(f"\n{name} k={k}, {len(rows)} tenants: ECE before {R[0]:.1f} / now {R[3]:.1f}; "
+              f"photos named the new class: confidence {R[1]:.1f} vs right {R[2]:.1f} before, "
+              f"{R[4]:.1f} vs {R[5]:.1f} now")
+
+
+if __name__ == "__main__" and "--calibration" in sys.argv:
+    calibration()
