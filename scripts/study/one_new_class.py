@@ -77,20 +77,14 @@ def after_with(Xtr, ytr, Xte, C):
     multi = cnt >= 2
     if multi.sum() < 2 or (cnt == 0).any():
         return L.ldacv_predict(Xtr, ytr, Xte, C, (True, None))
-    nf = min(cnt[multi].min(), 4)
-    plain = H.folds_of
-    H.folds_of = folds_single_kept
-    try:
-        # ldacv_select takes k = the smallest count; pass the folds the service uses.
-        choice = select(Xtr, ytr, C, nf)
-    finally:
-        H.folds_of = plain
+    choice = select(Xtr, ytr, C, min(cnt[multi].min(), 4))
     return L.ldacv_predict(Xtr, ytr, Xte, C, choice)
 
 
 def select(Xtr, ytr, C, nf):
+    """leader.ldacv_select with the service's folds (folds_single_kept) and nf folds."""
     grid = L.configs()
-    f = H.folds_of(ytr, nf, 0)
+    f = folds_single_kept(ytr, nf, 0)
     right = {c: 0 for c in grid}
     for p in (True, False):
         Xp = np.sqrt(np.maximum(Xtr, 0)) if p else Xtr
@@ -173,11 +167,7 @@ def calibration(names=("pets", "birds"), k=5):
                 L.lda_fit = lda_fit_counted
                 try:
                     cnt = np.bincount(yt, minlength=C)
-                    H.folds_of, plain = folds_single_kept, H.folds_of
-                    try:
-                        p, g = select(Xt, yt, C, min(cnt[cnt >= 2].min(), 4))
-                    finally:
-                        H.folds_of = plain
+                    p, g = select(Xt, yt, C, min(cnt[cnt >= 2].min(), 4))
                     A, mean = K.prepared(Xt, p)
                     B = H.l2n((np.sqrt(np.maximum(X[te], 0)) if p else X[te]) - mean)
                     # The new class's own row divides by n_y - 1 = 0; it is dropped below.
